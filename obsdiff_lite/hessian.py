@@ -1,0 +1,157 @@
+"""Timestep-weighted Hessian accumulation for one linear layer (OBS-Diff, Sec. 3.2).
+
+For a layer y = W x, the layer-wise reconstruction loss ||W x - W' x||^2 has
+Hessian H = 2 x x^T with respect to each output row.  OBS-Diff weights every
+calibration row collected at denoising step t by alpha_t, so after all batches
+
+    H = 2 * sum_t alpha_t sum_{rows x at t} x x^T  /  sum_t alpha_t * rows_t
+
+i.e. a weighted mean of 2 x x^T.  It is kept as a running mean (old H scaled by
+W_old / W_new, new batch added with weight alpha / W_new) so that it never
+grows with the number of calibration rows.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+
+@contextlib.contextmanager
+def ieee_fp32_matmul(device: torch.device) -> Iterator[None]:
+    """Within the block, make CUDA float32 matmuls on `device` use full IEEE precision (no TF32)."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
+        old = matmul.fp32_precision
+        matmul.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = old
+    else:
+        old = matmul.allow_tf32
+        matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = old
+
+
+def _layer(name: str) -> str:
+    """Format an optional layer name for error messages."""
+    return f" of layer {name!r}" if name else ""
+
+
+@dataclass
+class HessianAccumulator:
+    """Running timestep-weighted mean of 2 x x^T (and weighted sum of x^2) over calibration rows."""
+
+    in_features: int
+    device: torch.device | str = "cpu"
+    dtype: torch.dtype = torch.float32
+    name: str = ""
+    hessian: Tensor = field(init=False, repr=False)
+    act_sq_sum: Tensor = field(init=False, repr=False)
+    weight_sum: float = field(init=False, default=0.0)
+    num_rows: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        """Validate the configuration and allocate zeroed state."""
+        if self.in_features < 1:
+            raise ValueError(f"in_features must be >= 1, got {self.in_features}")
+        if self.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"Hessian dtype must be torch.float32 or torch.float64, got {self.dtype}")
+        self.device = torch.device(self.device)
+        d = self.in_features
+        self.hessian = torch.zeros(d, d, dtype=self.dtype, device=self.device)
+        self.act_sq_sum = torch.zeros(d, dtype=self.dtype, device=self.device)
+
+    def add_batch(self, inputs: Tensor, timestep_weight: float = 1.0, name: str | None = None) -> None:
+        """Fold inputs [..., d] into the running mean, every row weighted by timestep_weight."""
+        name = self.name if name is None else name
+        if inputs.shape[-1] != self.in_features:
+            raise ValueError(
+                f"activations{_layer(name)} have {inputs.shape[-1]} features, "
+                f"expected in_features={self.in_features}"
+            )
+        alpha = float(timestep_weight)
+        if not math.isfinite(alpha) or alpha < 0:
+            raise ValueError(f"timestep_weight must be finite and >= 0, got {timestep_weight}")
+        # Compute in the accumulator dtype on the input's device; only [d, d] crosses devices.
+        x = inputs.detach().reshape(-1, self.in_features).to(self.dtype)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(
+                f"activations{_layer(name)} contain NaN/inf (after casting to {self.dtype}); "
+                "check the model's dtype/overflow or the calibration prompts"
+            )
+        rows = x.shape[0]
+        if rows == 0 or alpha == 0.0:
+            return
+        new_sum = self.weight_sum + alpha * rows
+        with ieee_fp32_matmul(x.device):
+            xs = x * math.sqrt(2.0 * alpha / new_sum)
+            batch_h = (xs.T @ xs).to(self.device)
+        batch_sq = (alpha * (x * x).sum(dim=0)).to(self.device)
+        self.hessian.mul_(self.weight_sum / new_sum).add_(batch_h)
+        self.act_sq_sum.add_(batch_sq)
+        self.weight_sum = new_sum
+        self.num_rows += rows
+
+    def merge(self, other: HessianAccumulator) -> HessianAccumulator:
+        """Combine `other` into self in place (weighted by weight sums) and return self."""
+        if other.in_features != self.in_features:
+            raise ValueError(
+                f"cannot merge Hessians of width {other.in_features} into width {self.in_features}"
+            )
+        new_sum = self.weight_sum + other.weight_sum
+        if other.weight_sum == 0.0:
+            return self
+        other_h = other.hessian.to(self.device, self.dtype)
+        self.hessian.mul_(self.weight_sum / new_sum).add_(other_h, alpha=other.weight_sum / new_sum)
+        self.act_sq_sum.add_(other.act_sq_sum.to(self.device, self.dtype))
+        self.weight_sum = new_sum
+        self.num_rows += other.num_rows
+        return self
+
+    def state_dict(self) -> dict:
+        """Return a plain dict (tensors + numbers) that from_state() can rebuild."""
+        return {
+            "in_features": self.in_features,
+            "name": self.name,
+            "hessian": self.hessian,
+            "act_sq_sum": self.act_sq_sum,
+            "weight_sum": self.weight_sum,
+            "num_rows": self.num_rows,
+        }
+
+    @classmethod
+    def from_state(
+        cls, state: dict, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> HessianAccumulator:
+        """Rebuild an accumulator from state_dict() output, optionally on another device/dtype."""
+        hessian = state["hessian"]
+        acc = cls(
+            int(state["in_features"]),
+            device=hessian.device if device is None else device,
+            dtype=hessian.dtype if dtype is None else dtype,
+            name=state.get("name", ""),
+        )
+        acc.hessian.copy_(hessian)
+        acc.act_sq_sum.copy_(state["act_sq_sum"])
+        acc.weight_sum = float(state["weight_sum"])
+        acc.num_rows = int(state["num_rows"])
+        return acc
+
+
+def wanda_input_norm(acc: HessianAccumulator) -> Tensor:
+    """Timestep-weighted ||X_j||: sqrt of the weighted mean of x_j^2 per input feature, shape [d]."""
+    if acc.weight_sum == 0.0:
+        raise ValueError(f"no calibration activations were recorded{_layer(acc.name)}")
+    return torch.sqrt(acc.act_sq_sum / acc.weight_sum)

@@ -1,0 +1,164 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from obsdiff_lite.hessian import HessianAccumulator, wanda_input_norm
+
+D = 6
+
+
+def _batches(seed: int = 0):
+    """A few batches of different shapes/dtypes with their timestep weights."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(2, 5, D, generator=g), 1.2),
+        (torch.randn(3, D, generator=g, dtype=torch.float64), 0.8),
+        (torch.randn(4, 2, 3, D, generator=g).to(torch.bfloat16), 1.0),
+        (3.0 * torch.randn(7, D, generator=g), 0.5),
+    ]
+
+
+def _closed_form(batches):
+    """H = 2 sum_t a_t X_t^T X_t / sum_t a_t rows_t and the weighted mean of x^2, in float64."""
+    num = torch.zeros(D, D, dtype=torch.float64)
+    sq = torch.zeros(D, dtype=torch.float64)
+    den = 0.0
+    for x, a in batches:
+        x = x.reshape(-1, D).double()
+        num += 2 * a * x.T @ x
+        sq += a * (x * x).sum(0)
+        den += a * x.shape[0]
+    return num / den, sq / den, den
+
+
+def _accumulate(batches, dtype=torch.float32):
+    acc = HessianAccumulator(D, dtype=dtype)
+    for x, a in batches:
+        acc.add_batch(x, a)
+    return acc
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_accumulation_matches_closed_form(dtype, tol):
+    batches = _batches()
+    acc = _accumulate(batches, dtype)
+    H, mean_sq, den = _closed_form(batches)
+    assert acc.hessian.dtype == dtype and acc.hessian.shape == (D, D)
+    torch.testing.assert_close(acc.hessian.double(), H, rtol=tol, atol=tol)
+    assert acc.weight_sum == pytest.approx(den)
+    assert acc.num_rows == 10 + 3 + 24 + 7
+    torch.testing.assert_close(acc.act_sq_sum.double() / acc.weight_sum, mean_sq, rtol=tol, atol=tol)
+
+
+def test_weights_matter():
+    batches = _batches()
+    equal = _accumulate([(x, 1.0) for x, _ in batches])
+    weighted = _accumulate(batches)
+    assert not torch.allclose(equal.hessian, weighted.hessian, rtol=1e-3)
+
+
+def test_scaling_all_weights_changes_nothing():
+    batches = _batches()
+    a = _accumulate(batches)
+    b = _accumulate([(x, 10.0 * w) for x, w in batches])
+    torch.testing.assert_close(a.hessian, b.hessian, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_splitting_invariance():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(30, D, generator=g)
+    whole = HessianAccumulator(D)
+    whole.add_batch(x, 0.7)
+    split = HessianAccumulator(D)
+    for chunk in (x[:4], x[4:5], x[5:19], x[19:]):
+        split.add_batch(chunk, 0.7)
+    torch.testing.assert_close(split.hessian, whole.hessian, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(split.act_sq_sum, whole.act_sq_sum, rtol=1e-5, atol=1e-6)
+    assert split.weight_sum == pytest.approx(whole.weight_sum)
+
+
+def test_merge_equals_single_accumulator():
+    batches = _batches()
+    left = _accumulate(batches[:1], torch.float64)
+    right = _accumulate(batches[1:], torch.float64)
+    merged = left.merge(right)
+    assert merged is left
+    full = _accumulate(batches, torch.float64)
+    torch.testing.assert_close(merged.hessian, full.hessian, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(merged.act_sq_sum, full.act_sq_sum, rtol=1e-12, atol=1e-12)
+    assert merged.weight_sum == pytest.approx(full.weight_sum)
+    assert merged.num_rows == full.num_rows
+
+
+def test_merge_with_empty_and_across_dtypes():
+    batches = _batches()
+    full = _accumulate(batches)
+    empty = HessianAccumulator(D, dtype=torch.float64)
+    empty.merge(full)
+    torch.testing.assert_close(empty.hessian, full.hessian.double())
+    before = full.hessian.clone()
+    full.merge(HessianAccumulator(D))
+    assert torch.equal(full.hessian, before)
+    with pytest.raises(ValueError, match="width"):
+        full.merge(HessianAccumulator(D + 1))
+
+
+def test_state_dict_round_trip():
+    acc = _accumulate(_batches())
+    clone = HessianAccumulator.from_state(acc.state_dict())
+    assert torch.equal(clone.hessian, acc.hessian) and torch.equal(clone.act_sq_sum, acc.act_sq_sum)
+    assert (clone.weight_sum, clone.num_rows) == (acc.weight_sum, acc.num_rows)
+    clone.add_batch(torch.ones(2, D))
+    assert not torch.equal(clone.hessian, acc.hessian)  # independent storage
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_activations_raise_with_layer_name(bad):
+    acc = HessianAccumulator(D, name="blocks.3.attn.to_q")
+    x = torch.randn(4, D)
+    x[2, 1] = bad
+    with pytest.raises(ValueError, match=r"blocks\.3\.attn\.to_q.*NaN/inf"):
+        acc.add_batch(x)
+    assert acc.weight_sum == 0.0 and torch.count_nonzero(acc.hessian) == 0  # untouched
+
+
+def test_float32_overflow_is_detected_and_name_override():
+    acc = HessianAccumulator(D)
+    with pytest.raises(ValueError, match="'mlp.fc1'.*NaN/inf"):
+        acc.add_batch(torch.full((2, D), 1e300, dtype=torch.float64), name="mlp.fc1")
+
+
+def test_bad_arguments():
+    acc = HessianAccumulator(D)
+    with pytest.raises(ValueError, match="expected in_features=6"):
+        acc.add_batch(torch.randn(3, D + 1))
+    with pytest.raises(ValueError, match="timestep_weight"):
+        acc.add_batch(torch.randn(3, D), -1.0)
+    with pytest.raises(ValueError, match="dtype"):
+        HessianAccumulator(D, dtype=torch.float16)
+
+
+def test_zero_weight_and_empty_batches_are_no_ops():
+    acc = HessianAccumulator(D)
+    acc.add_batch(torch.randn(5, D), 0.0)
+    acc.add_batch(torch.randn(0, D), 1.0)
+    assert acc.weight_sum == 0.0 and acc.num_rows == 0
+    with pytest.raises(ValueError, match="no calibration"):
+        wanda_input_norm(acc)
+
+
+def test_wanda_norm_closed_form():
+    batches = _batches(3)
+    acc = _accumulate(batches, torch.float64)
+    H, mean_sq, _ = _closed_form(batches)
+    norm = wanda_input_norm(acc)
+    torch.testing.assert_close(norm, mean_sq.sqrt(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(norm, (torch.diagonal(H) / 2).sqrt(), rtol=1e-12, atol=1e-12)
+
+
+def test_accumulator_keeps_its_device_and_dtype():
+    acc = HessianAccumulator(D, device="cpu", dtype=torch.float32)
+    acc.add_batch(torch.randn(3, D, dtype=torch.float64), 1.0)
+    assert acc.hessian.device.type == "cpu" and acc.hessian.dtype == torch.float32
+    assert torch.allclose(acc.hessian, acc.hessian.T)
