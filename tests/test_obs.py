@@ -1,0 +1,290 @@
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from obsdiff_lite.baselines import magnitude_prune
+from obsdiff_lite.obs import (
+    check_sparsity_args,
+    obs_single_removal,
+    parse_pattern,
+    prepare_inverse_hessian,
+    sparsify_weight,
+)
+
+
+def _problem(out=8, d=16, n=64, seed=0, dtype=torch.float64, corr=0.1):
+    """Weights, activations X [n, d] with per-feature scales (outlier-like), and H = 2 X^T X / n."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.eye(d, dtype=torch.float64) + corr * torch.randn(d, d, generator=g, dtype=torch.float64)
+    scales = torch.exp(torch.randn(d, generator=g, dtype=torch.float64))
+    X = (torch.randn(n, d, generator=g, dtype=torch.float64) @ mix) * scales
+    W = torch.randn(out, d, generator=g, dtype=torch.float64)
+    return W.to(dtype), X.to(dtype), (2 * X.T @ X / n).to(dtype)
+
+
+def _out_err(W0, W, X):
+    """Mean over rows of ||(W0 - W) x||^2, in float64."""
+    return float(((W0.double() - W.double()) @ X.double().T).pow(2).sum() / X.shape[0])
+
+
+def _lstsq_refit(W0, X, keep):
+    """Optimal re-fit of the kept weights of every row (float64)."""
+    W0, X = W0.double(), X.double()
+    out = torch.zeros_like(W0)
+    for r in range(W0.shape[0]):
+        k = keep[r]
+        out[r, k] = torch.linalg.lstsq(X[:, k], X @ W0[r]).solution
+    return out
+
+
+def _naive_sequential_obs(W, H, keep, damp, n=0, m=0):
+    """Reference: column by column, prune and compensate with an explicit inverse of H[i:, i:].
+
+    With n:m the mask is chosen on the fly: at the start of each group, the n lowest
+    OBS saliencies w_j^2 / [H[j:, j:]^-1]_00 (current, already-updated w) per row."""
+    W = W.clone()
+    H = H + damp * torch.diagonal(H).abs().mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    if m:
+        keep = torch.ones_like(W, dtype=torch.bool)
+    for i in range(W.shape[1]):
+        Hi = torch.linalg.inv(H[i:, i:])
+        if m and i % m == 0:
+            sal = torch.stack([W[:, j] ** 2 / torch.linalg.inv(H[j:, j:])[0, 0] for j in range(i, i + m)], 1)
+            keep[:, i:i + m].scatter_(1, sal.argsort(1)[:, :n], False)
+        err = torch.where(keep[:, i], torch.zeros_like(W[:, i]), W[:, i]) / Hi[0, 0]
+        W[:, i:] -= err[:, None] * Hi[0][None, :]
+        W[~keep[:, i], i] = 0.0
+    return W
+
+
+# (a) textbook OBS vs brute-force least squares --------------------------------------------------
+
+
+def test_single_removal_matches_least_squares_refit():
+    W, X, _ = _problem(out=1, d=8, n=32, seed=0)
+    w = W[0]
+    H = 2 * X.T @ X
+    Hinv = torch.linalg.inv(H)
+    losses = []
+    for q in range(8):
+        new_row, saliency = obs_single_removal(w, Hinv, q)
+        assert new_row[q].item() == 0.0
+        loss_obs = float((X @ (w - new_row)).pow(2).sum())
+        others = [j for j in range(8) if j != q]
+        refit = torch.linalg.lstsq(X[:, others], X @ w).solution
+        loss_ls = float((X @ w - X[:, others] @ refit).pow(2).sum())
+        assert loss_obs == pytest.approx(loss_ls, rel=1e-6)
+        assert saliency / 2 == pytest.approx(loss_ls, rel=1e-6)  # H = 2 X^T X
+        losses.append(loss_ls)
+    best_q = min(range(8), key=lambda q: obs_single_removal(w, Hinv, q)[1])
+    assert best_q == min(range(8), key=losses.__getitem__)
+
+
+# (b) quality of the sequential OBS solution --------------------------------------------------------
+
+
+def test_solver_equals_naive_sequential_obs_with_fixed_mask():
+    W, _, H = _problem(seed=1)
+    g = torch.Generator().manual_seed(5)
+    keep = torch.rand(W.shape, generator=g) > 0.5
+    expected = _naive_sequential_obs(W, H, keep, damp=0.01)
+    for block_size in (3, 4, 16, 128):
+        got, mask, _ = sparsify_weight(W, H, keep_mask=keep, block_size=block_size, damp=0.01)
+        assert torch.equal(mask, keep)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_n_m_solver_equals_naive_sequential_obs():
+    W, _, H = _problem(out=8, d=16, seed=14)
+    expected = _naive_sequential_obs(W, H, None, damp=0.01, n=2, m=4)
+    got, keep, _ = sparsify_weight(W, H, n=2, m=4, block_size=8, damp=0.01)
+    assert torch.equal(keep, expected != 0)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_obs_error_between_lstsq_optimum_and_baselines(seed):
+    W, X, H = _problem(seed=seed)
+    new, keep, stats = sparsify_weight(W, H, sparsity=0.5, block_size=16)
+    err_obs = _out_err(W, new, X)
+    err_no_update = _out_err(W, W * keep, X)
+    err_lstsq = _out_err(W, _lstsq_refit(W, X, keep), X)
+    err_mag = _out_err(W, magnitude_prune(W, 0.5)[0], X)
+    assert err_lstsq <= err_obs * (1 + 1e-9)
+    assert err_obs <= 1.5 * err_lstsq
+    assert err_obs < err_no_update
+    assert err_obs < err_mag
+    assert stats["recon_error"] == pytest.approx(err_obs, rel=1e-9)  # trace(dW H dW^T) / 2
+
+
+def test_float32_matches_float64():
+    W, _, H = _problem(seed=2)
+    w64, k64, _ = sparsify_weight(W, H, 0.5)
+    w32, k32, _ = sparsify_weight(W.float(), H.float(), 0.5)
+    assert w32.dtype == torch.float32
+    assert torch.equal(k32, k64)
+    torch.testing.assert_close(w32.double(), w64, rtol=1e-4, atol=1e-4)
+
+
+# (c) sparsity level and N:M validity ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
+def test_achieved_unstructured_sparsity(sparsity):
+    W, _, H = _problem(out=32, d=128, n=256, seed=3, dtype=torch.float32)
+    new, keep, stats = sparsify_weight(W, H, sparsity=sparsity, block_size=32)
+    achieved = 1 - keep.float().mean().item()
+    assert abs(achieved - sparsity) <= 0.005
+    assert stats["sparsity"] == pytest.approx(achieved)
+    assert (new[~keep] == 0.0).all() and (new[keep] != 0.0).all()
+
+
+def test_zero_sparsity_keeps_weights():
+    W, _, H = _problem(seed=4)
+    new, keep, stats = sparsify_weight(W, H, sparsity=0.0)
+    assert keep.all() and torch.equal(new, W) and stats["recon_error"] == 0.0
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (1, 4)])
+def test_n_m_pattern_is_exact(n, m):
+    W, _, H = _problem(out=16, d=32, n=128, seed=5, dtype=torch.float32)
+    new, keep, stats = sparsify_weight(W, H, n=n, m=m, block_size=128)
+    zeros_per_group = (new == 0).reshape(16, 32 // m, m).sum(-1)
+    assert (zeros_per_group >= n).all()
+    assert ((~keep).reshape(16, 32 // m, m).sum(-1) == n).all()
+    assert stats["sparsity"] == pytest.approx(n / m)
+
+
+def test_n_m_result_independent_of_block_size():
+    W, _, H = _problem(out=8, d=32, n=128, seed=6)
+    ref, ref_keep, _ = sparsify_weight(W, H, n=2, m=4, block_size=128)
+    for block_size in (4, 6, 8, 30):  # 6 and 30 are rounded down to multiples of 4
+        got, keep, _ = sparsify_weight(W, H, n=2, m=4, block_size=block_size)
+        assert torch.equal(keep, ref_keep)
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+# (d) dead inputs ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", [dict(sparsity=0.25), dict(n=2, m=4)])
+def test_dead_input_column_is_zeroed(pattern):
+    W, X, _ = _problem(seed=7, dtype=torch.float32)
+    X[:, 3] = 0.0
+    H = 2 * X.T @ X / X.shape[0]
+    new, keep, stats = sparsify_weight(W, H, **pattern)
+    assert torch.isfinite(new).all()
+    assert (new[:, 3] == 0).all() and not keep[:, 3].any()
+    assert stats["dead_inputs"] == 1
+    assert (new[~keep] == 0).all()
+    # dead weights are zeroed before the mask is chosen, so they use up pruning budget
+    assert stats["sparsity"] == pytest.approx(pattern.get("sparsity", 0.5))
+
+
+# (e) non-positive-definite Hessians --------------------------------------------------------------------
+
+
+def test_singular_hessian_retries_with_warning(caplog):
+    v = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    H = v.T @ v  # rank 1: Cholesky hits an exact zero pivot with damp = 0
+    W = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.WARNING, logger="obsdiff_lite.obs"):
+        new, keep, stats = sparsify_weight(W, H, sparsity=0.5, damp=0.0, name="down_proj")
+    assert torch.isfinite(new).all()
+    assert stats["retries"] >= 1 and stats["damp_used"] > 0
+    assert "down_proj" in caplog.text and "--damp" in caplog.text
+
+
+def test_negative_definite_hessian_retries_until_positive(caplog):
+    H = -3.0 * torch.eye(8)
+    with caplog.at_level(logging.WARNING, logger="obsdiff_lite.obs"):
+        U, info = prepare_inverse_hessian(H, damp=0.01)
+    assert info == {"damp_used": pytest.approx(10.0), "retries": 3, "dead_inputs": 0}
+    assert torch.isfinite(U).all()
+    assert "damp=10" in caplog.text and "calibration prompts" in caplog.text
+    with pytest.raises(ValueError, match="failed for every damp"):
+        prepare_inverse_hessian(H, damp=0.01, max_tries=2)
+
+
+def test_well_conditioned_hessian_does_not_warn(caplog):
+    _, _, H = _problem(seed=8)
+    with caplog.at_level(logging.WARNING):
+        U, info = prepare_inverse_hessian(H)
+    assert caplog.text == "" and info["retries"] == 0
+    damped = H + 0.01 * torch.diagonal(H).mean() * torch.eye(16, dtype=H.dtype)
+    torch.testing.assert_close(U.T @ U, torch.linalg.inv(damped), rtol=1e-8, atol=1e-8)  # H^-1 = U^T U
+    assert torch.equal(U, torch.triu(U))
+
+
+def test_non_finite_hessian_or_weight_raises():
+    W, _, H = _problem(seed=9)
+    bad = H.clone()
+    bad[0, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN/inf"):
+        sparsify_weight(W, bad)
+    W2 = W.clone()
+    W2[1, 1] = float("inf")
+    with pytest.raises(ValueError, match="NaN/inf"):
+        sparsify_weight(W2, H)
+
+
+# (f) argument validation ---------------------------------------------------------------------------------
+
+
+def test_bad_arguments_raise_useful_errors():
+    W, _, H = _problem(out=4, d=6, seed=10)
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+        sparsify_weight(W, H, sparsity=1.5)
+    with pytest.raises(ValueError, match="in_features=6.*2:4.*exclude this layer or use unstructured"):
+        sparsify_weight(W, H, n=2, m=4)
+    with pytest.raises(ValueError, match="'attn.to_k'"):
+        check_sparsity_args(6, 0.5, 2, 4, name="attn.to_k")
+    with pytest.raises(ValueError, match="0 < N < M"):
+        sparsify_weight(W, H, n=4, m=2)
+    with pytest.raises(ValueError, match="expected \\(6, 6\\)"):
+        sparsify_weight(W, H[:5, :5])
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("unstructured", ("unstructured", 0, 0)), ("2:4", ("nm", 2, 4)), (" 4:8 ", ("nm", 4, 8)), ("1:16", ("nm", 1, 16))],
+)
+def test_parse_pattern(text, expected):
+    assert parse_pattern(text) == expected
+
+
+@pytest.mark.parametrize("text, match", [("4:2", "0 < N < M"), ("2:", "expected 'unstructured' or 'N:M'"),
+                                         ("abc", "expected 'unstructured' or 'N:M'"), ("0:4", "0 < N < M")])
+def test_parse_pattern_rejects(text, match):
+    with pytest.raises(ValueError, match=match):
+        parse_pattern(text)
+
+
+# (g) small blocks, (h) determinism, dtype round trip -----------------------------------------------------
+
+
+def test_block_size_smaller_than_width_is_valid():
+    W, X, H = _problem(out=16, d=64, n=256, seed=11, dtype=torch.float32)
+    new, keep, stats = sparsify_weight(W, H, sparsity=0.5, block_size=8)
+    assert torch.isfinite(new).all()
+    assert abs(stats["sparsity"] - 0.5) <= 0.005
+    assert (new[~keep] == 0).all()
+    assert _out_err(W, new, X) < _out_err(W, magnitude_prune(W, 0.5)[0], X)
+
+
+def test_deterministic_bit_identical():
+    W, _, H = _problem(out=16, d=64, n=256, seed=12, dtype=torch.float32)
+    a = sparsify_weight(W, H, sparsity=0.6, block_size=16)
+    b = sparsify_weight(W, H, sparsity=0.6, block_size=16)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_half_precision_weight_round_trip():
+    W, _, H = _problem(out=8, d=32, n=128, seed=13, dtype=torch.float32)
+    new, keep, _ = sparsify_weight(W.to(torch.bfloat16), H, n=2, m=4)
+    assert new.dtype == torch.bfloat16
+    assert (new[~keep] == 0).all()
+    assert torch.equal(W, _problem(out=8, d=32, n=128, seed=13, dtype=torch.float32)[0])  # input untouched
