@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from obsdiff_lite.baselines import magnitude_prune, wanda_prune
+
+
+def _weight(out=16, d=32, seed=0, dtype=torch.float32):
+    return torch.randn(out, d, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _per_row_magnitude_reference(W, sparsity):
+    """Each row loses its int(d * sparsity) smallest |w|."""
+    k = int(W.shape[1] * sparsity)
+    keep = torch.ones_like(W, dtype=torch.bool)
+    for r in range(W.shape[0]):
+        keep[r, W[r].abs().argsort()[:k]] = False
+    return keep
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9])
+def test_magnitude_keeps_largest_weights_globally(sparsity):
+    W = _weight()
+    new, keep = magnitude_prune(W, sparsity)
+    assert int((~keep).sum()) == int(W.numel() * sparsity)
+    if 0 < sparsity:
+        assert W[keep].abs().min() >= W[~keep].abs().max()
+    assert torch.equal(new, W * keep)
+    # global, not per row: the per-row counts differ for random weights
+    if sparsity == 0.5:
+        assert len(set((~keep).sum(1).tolist())) > 1
+
+
+def test_wanda_per_row_sparsity_is_exact():
+    W = _weight(seed=1)
+    norm = torch.rand(32, generator=torch.Generator().manual_seed(2)) + 0.1
+    for sparsity in (0.25, 0.5, 0.7):
+        new, keep = wanda_prune(W, norm, sparsity)
+        assert ((~keep).sum(1) == int(32 * sparsity)).all()
+        assert (new[~keep] == 0).all() and torch.equal(new[keep], W[keep])
+
+
+def test_wanda_with_uniform_norm_is_per_row_magnitude():
+    W = _weight(seed=3)
+    expected = _per_row_magnitude_reference(W, 0.5)
+    for scale in (1.0, 3.7):
+        _, keep = wanda_prune(W, torch.full((32,), scale), 0.5)
+        assert torch.equal(keep, expected)
+
+
+def test_wanda_uses_input_norm():
+    W = torch.ones(4, 8)
+    W[:, 0] = 0.01  # tiny weights on a high-norm input: Wanda keeps them, magnitude drops them
+    norm = torch.ones(8)
+    norm[0] = 1000.0
+    _, keep_w = wanda_prune(W, norm, 0.5)
+    _, keep_m = magnitude_prune(W, 0.5)
+    assert keep_w[:, 0].all() and not keep_m[:, 0].any()
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8)])
+def test_n_m_validity(n, m):
+    W = _weight(seed=4)
+    norm = torch.rand(32, generator=torch.Generator().manual_seed(5)) + 0.1
+    for new, keep in (magnitude_prune(W, n=n, m=m), wanda_prune(W, norm, n=n, m=m)):
+        assert ((new == 0).reshape(16, 32 // m, m).sum(-1) >= n).all()
+        assert ((~keep).reshape(16, 32 // m, m).sum(-1) == n).all()
+    # magnitude N:M drops the n smallest |w| of each group
+    _, keep = magnitude_prune(W, n=n, m=m)
+    groups, kept = W.abs().reshape(16, -1, m), keep.reshape(16, -1, m)
+    kept_min = torch.where(kept, groups, torch.inf).amin(-1)
+    dropped_max = torch.where(~kept, groups, -torch.inf).amax(-1)
+    assert (kept_min >= dropped_max).all()
+
+
+def test_dtype_preserved_and_input_untouched():
+    W = _weight(seed=6, dtype=torch.bfloat16)
+    W_copy = W.clone()
+    new, keep = magnitude_prune(W, n=2, m=4)
+    new2, _ = wanda_prune(W, torch.ones(32), 0.5)
+    assert new.dtype == new2.dtype == torch.bfloat16
+    assert torch.equal(W, W_copy)
+
+
+def test_validation_is_shared_with_obs():
+    W = _weight(d=6)
+    with pytest.raises(ValueError, match="in_features=6.*2:4"):
+        magnitude_prune(W, n=2, m=4)
+    with pytest.raises(ValueError, match="sparsity"):
+        wanda_prune(W, torch.ones(6), 1.5)
+    with pytest.raises(ValueError, match="input_norm"):
+        wanda_prune(W, torch.ones(5), 0.5)
