@@ -21,9 +21,12 @@ LATENT_CHANNELS = 8
 TINY_SD3 = dict(num_layers=6, num_attention_heads=4, attention_head_dim=16, patch_size=2)
 TINY_FLUX = dict(num_layers=2, num_single_layers=4, num_attention_heads=4, attention_head_dim=16)
 
+# Recommended pipeline call arguments, written to each model's generation.json. Keys starting with
+# "_" are obsdiff_lite metadata, not call arguments ("_prompts": where calibration prompts come from).
 GENERATION = {
-    "sd3": {"num_inference_steps": 20, "guidance_scale": 4.0, "height": 32, "width": 32, "max_sequence_length": 4},
+    "sd3": {"_prompts": "shapes", "num_inference_steps": 20, "guidance_scale": 4.0, "height": 32, "width": 32, "max_sequence_length": 4},
     "flux": {
+        "_prompts": "shapes",
         "num_inference_steps": 20,
         "true_cfg_scale": 4.0,
         "negative_prompt": "",

@@ -1,0 +1,100 @@
+"""Calibration: hooks that feed layer inputs into timestep-weighted Hessians while the real pipeline runs.
+
+The denoising step is read from the transformer's own ``timestep`` argument (a forward pre-hook with
+kwargs) and mapped to the nearest entry of ``scheduler.timesteps`` — never from a call counter: SD3
+batches the conditional and unconditional halves into one call, Flux with true CFG makes two calls
+per step, and skip-layer guidance adds more. The step weight is then an explicit argument of
+``HessianAccumulator.add_batch``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .arch import ArchSpec
+from .hessian import HessianAccumulator
+from .pipelines import run_pipeline
+from .schedules import timestep_weights
+
+
+@dataclass
+class StepTracker:
+    """Knows the current denoising step (from the transformer's `timestep`) and its weight alpha_t."""
+
+    scheduler: object
+    timestep_scale: float
+    weighting: str = "uniform"
+    weight_range: tuple[float, float] = (0.8, 1.2)
+    step_index: int | None = None
+    weights: torch.Tensor | None = field(default=None, repr=False)
+    steps_seen: set[int] = field(default_factory=set)
+
+    def observe(self, timestep: torch.Tensor | float) -> int:
+        """Map a transformer timestep argument to the index of the nearest scheduler timestep."""
+        timesteps = torch.as_tensor(self.scheduler.timesteps, dtype=torch.float64).cpu()
+        t = float(torch.as_tensor(timestep).flatten()[0]) * self.timestep_scale
+        self.step_index = int(torch.argmin((timesteps - t).abs()))
+        if self.weights is None or len(self.weights) != len(timesteps):
+            self.weights = timestep_weights(self.weighting, len(timesteps), *self.weight_range)
+        self.steps_seen.add(self.step_index)
+        return self.step_index
+
+    @property
+    def weight(self) -> float:
+        """alpha_t for the current step (1.0 before any step was observed)."""
+        return 1.0 if self.step_index is None else float(self.weights[self.step_index])
+
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """forward_pre_hook(with_kwargs=True) for the transformer."""
+        timestep = kwargs.get("timestep")
+        if timestep is None:
+            raise RuntimeError("the transformer was called without a `timestep` keyword; cannot tell the denoising step")
+        self.observe(timestep)
+
+
+@contextmanager
+def collect_hessians(transformer: nn.Module, arch: ArchSpec, groups: dict[str, nn.Linear], tracker: StepTracker,
+                     hessian_device: torch.device | str | None = None):
+    """Within the block, every forward of ``groups[key]`` adds its input to ``accumulators[key]``."""
+    accumulators: dict[str, HessianAccumulator] = {}
+    handles = [transformer.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True)]
+
+    def make_hook(key: str, acc: HessianAccumulator):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            acc.add_batch(x.reshape(-1, x.shape[-1]), tracker.weight, name=key)
+
+        return hook
+
+    try:
+        for key, linear in groups.items():
+            device = hessian_device or linear.weight.device
+            acc = HessianAccumulator(linear.in_features, device=device, name=key)
+            accumulators[key] = acc
+            handles.append(linear.register_forward_pre_hook(make_hook(key, acc)))
+        yield accumulators
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def calibrate(pipe, arch: ArchSpec, groups: dict[str, nn.Linear], prompts: list[str], call: dict, *,
+              weighting: str = "log-decrease", weight_range: tuple[float, float] = (0.8, 1.2), seed: int = 0,
+              batch_size: int = 8, hessian_device=None, progress: bool = True, desc: str = "calibrating"
+              ) -> dict[str, HessianAccumulator]:
+    """One calibration pass of the full pipeline over ``prompts``: timestep-weighted Hessians per input group."""
+    tracker = StepTracker(pipe.scheduler, arch.timestep_scale, weighting, weight_range)
+    with collect_hessians(pipe.transformer, arch, groups, tracker, hessian_device) as accumulators:
+        # The latents are all we need: skipping the VAE decode saves time and changes nothing upstream.
+        run_pipeline(pipe, prompts, seed, call, batch_size, output_type="latent", progress=progress, desc=desc)
+    expected = int(call.get("num_inference_steps", len(pipe.scheduler.timesteps)))
+    if len(tracker.steps_seen) != expected:
+        raise RuntimeError(
+            f"calibration saw {len(tracker.steps_seen)} distinct denoising steps, expected {expected}: "
+            "the timestep-to-step mapping is off for this scheduler"
+        )
+    return accumulators

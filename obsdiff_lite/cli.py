@@ -1,0 +1,167 @@
+"""The ``obsdiff`` command line: prune, eval, demo.
+
+    obsdiff prune data/tiny-sd3 --output runs/sd3-50 --sparsity 0.5
+    obsdiff eval runs/sd3-50 --reference data/tiny-sd3 --grid runs/sd3-50.png
+    obsdiff demo
+
+Bad input ends with one readable line and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+REPO_DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+class CLIError(ValueError):
+    """An error the user can fix; printed as one line."""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16 (default float32)")
+
+
+def _add_prune_args(p: argparse.ArgumentParser) -> None:
+    from .prune import METHODS
+    from .schedules import WEIGHTINGS
+
+    p.add_argument("model", help="pipeline directory or hub id (e.g. data/tiny-sd3, stabilityai/stable-diffusion-3-medium-diffusers)")
+    p.add_argument("--method", default="obs-diff", help=f"{' | '.join(METHODS)} (default obs-diff)")
+    p.add_argument("--pattern", default="unstructured", help="unstructured | 2:4 | 4:8 | N:M (default unstructured)")
+    p.add_argument("--sparsity", type=float, default=None, help="fraction of weights removed per layer (default 0.5; implied by N:M)")
+    p.add_argument("--weighting", default="log-decrease", help=f"timestep weighting: {' | '.join(WEIGHTINGS)}")
+    p.add_argument("--weight-range", type=float, nargs=2, default=(0.8, 1.2), metavar=("MIN", "MAX"))
+    p.add_argument("--packages", type=int, default=4, help="module packages (1 .. number of units; default 4)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--num-prompts", type=int, default=16, help="calibration prompts (default 16; paper 100)")
+    group.add_argument("--prompts", type=Path, help="file with one calibration prompt per line")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's generation.json)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's generation.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--blocks", default=None, help="START:END block range, END exclusive (default all)")
+    p.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of mean Hessian diagonal")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call during calibration")
+    p.add_argument("--hessian-device", default=None, help="keep Hessians here (e.g. cpu) while the model runs on --device")
+    _add_model_args(p)
+
+
+def _prune_config(args):
+    from .prune import PruneConfig, read_prompts
+
+    prompts = read_prompts(args.prompts) if args.prompts is not None else None
+    sparsity = args.sparsity
+    if sparsity is None and args.pattern == "unstructured":
+        sparsity = 0.5
+    return PruneConfig(
+        method=args.method, pattern=args.pattern, sparsity=sparsity, weighting=args.weighting,
+        weight_range=tuple(args.weight_range), packages=args.packages, num_prompts=args.num_prompts,
+        prompts=prompts, steps=args.steps, guidance=args.guidance, seed=args.seed, blocks=args.blocks,
+        damp=args.damp, batch_size=args.batch_size, hessian_device=args.hessian_device,
+    )
+
+
+def cmd_prune(args) -> int:
+    """Prune MODEL and write a complete pipeline directory plus obsdiff.json."""
+    from .pipelines import load_pipeline, resolve_device, resolve_dtype
+    from .prune import prune
+    from .surgery import check_output_dir, save_pipeline, terminate_as_interrupt
+
+    config = _prune_config(args)
+    config.validate()
+    resolve_device(args.device), resolve_dtype(args.dtype)
+    check_output_dir(args.output, args.overwrite)
+    with terminate_as_interrupt():
+        pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+        report = prune(pipe, config)
+        report["model"] = str(args.model)
+        generation = getattr(pipe, "obsdiff_generation", {})
+        extra = {"generation.json": json.dumps(generation, indent=2) + "\n"} if generation else {}
+        save_pipeline(pipe, args.output, report, overwrite=args.overwrite, extra_files=extra)
+    t = report["timings"]
+    print(
+        f"pruned {report['arch']} {args.model} with {config.method} ({config.pattern}, "
+        f"{report['achieved_sparsity']:.1%} of {report['targeted_parameters']:,} targeted weights) in "
+        f"{t['total_s']:.1f} s (calibration {t['calibration_s']:.1f} s, solve {t['solve_s']:.1f} s) -> {args.output}"
+    )
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """Generate ShapeBench prompts with MODEL and print/save adherence, Fréchet distance and fidelity."""
+    from .evaluate import evaluate_models
+
+    rows = evaluate_models(
+        {str(args.model): args.model}, reference=args.reference, num_prompts=args.num_prompts, seed=args.seed,
+        device=args.device, dtype=args.dtype, grid=args.grid, json_path=args.json, batch_size=args.batch_size,
+    )
+    return 0 if rows else 1
+
+
+def cmd_demo(args) -> int:
+    """Prune the tiny SD3 model to 50% with OBS-Diff and compare it with dense and with magnitude."""
+    from .evaluate import run_demo
+
+    run_demo(output=args.output, device=args.device, num_prompts=args.num_prompts, model=args.model)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="obsdiff", description="One-shot OBS pruning of SD3/Flux diffusion transformers.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a pipeline and save it")
+    _add_prune_args(p)
+    p.add_argument("--output", type=Path, required=True, help="output pipeline directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("eval", help="score a (tiny-world) pipeline with ShapeBench")
+    p.add_argument("model")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference", help="dense model to measure fidelity (PSNR/SSIM) against")
+    p.add_argument("--json", type=Path, help="write the scores to this JSON file")
+    p.add_argument("--grid", type=Path, help="write an image grid PNG")
+    p.add_argument("--batch-size", type=int, default=32)
+    _add_model_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="prune tiny-sd3 to 50%% with OBS-Diff and compare with dense and magnitude")
+    p.add_argument("--model", default=str(REPO_DATA / "tiny-sd3"))
+    p.add_argument("--output", type=Path, default=Path("runs/demo"))
+    p.add_argument("--num-prompts", type=int, default=64, help="evaluation prompts (default 64)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``obsdiff`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="obsdiff: %(levelname)s: %(message)s")
+    import torch
+
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"obsdiff: error: {exc}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError:
+        print("obsdiff: error: out of memory; use more --packages, --hessian-device cpu, a lower --dtype or fewer --num-prompts",
+              file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("obsdiff: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
