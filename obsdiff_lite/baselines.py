@@ -64,5 +64,15 @@ def wanda_prune(
     scores = weight.detach().abs().float() * input_norm.detach().to(weight.device, torch.float32).unsqueeze(0)
     if m > 0:
         return _apply(weight, _nm_prune_mask(scores, n, m))
-    k = int(weight.shape[1] * sparsity)
-    return _apply(weight, _lowest_k_mask(scores, k))
+    # Every row loses floor(cols * s) weights; the remainder up to int(numel * s) goes, one weight each,
+    # to the rows whose next-lowest score is smallest, so the layer hits the requested sparsity exactly
+    # even when cols * s is fractional (narrow layers).
+    rows, cols = scores.shape
+    k = int(cols * sparsity)
+    pruned = _lowest_k_mask(scores, k)
+    extra = int(rows * cols * sparsity) - rows * k
+    if extra > 0 and k < cols:
+        next_score = torch.sort(scores, dim=-1, stable=True).values[:, k]
+        for row in torch.sort(next_score, stable=True).indices[:extra].tolist():
+            pruned[row] = _lowest_k_mask(scores[row], k + 1)
+    return _apply(weight, pruned)

@@ -1,0 +1,186 @@
+"""The OBS-Diff engine on random-init tiny SD3/Flux pipelines: calibration, packages, targets, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from obsdiff_lite.arch import arch_for_transformer, block_units, blocks, parse_block_range
+from obsdiff_lite.calibrate import StepTracker, calibrate
+from obsdiff_lite.obs import parse_pattern
+from obsdiff_lite.pipelines import call_kwargs, load_pipeline, run_pipeline
+from obsdiff_lite.prune import PruneConfig, package_units, prune
+from obsdiff_lite.schedules import timestep_weights
+
+FAST = dict(num_prompts=3, steps=3, batch_size=3)
+
+
+def _targets(pipe):
+    return {
+        f"{b.name}.{n}": getattr_linear(b.module, n)
+        for b in blocks(pipe.transformer)
+        for unit in block_units(b)
+        for group in unit
+        for n in group
+    }
+
+
+def getattr_linear(module, name):
+    for part in name.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def test_arch_lists_every_block_linear(random_dir):
+    pipe = load_pipeline(random_dir)
+    arch = arch_for_transformer(pipe.transformer)
+    names = set(_targets(pipe))
+    if arch.name == "sd3":
+        # 6 joint blocks x 12 linears, minus the last block's to_add_out and ff_context (context_pre_only).
+        assert len(names) == 5 * 12 + 9
+        assert "transformer_blocks.5.attn.to_add_out" not in names
+    else:
+        assert len(names) == 2 * 12 + 4 * 5
+        assert "single_transformer_blocks.0.proj_mlp" in names
+    # Every nn.Linear inside the blocks that the paper prunes is a target; modulation linears are not.
+    for b in blocks(pipe.transformer):
+        for name, mod in b.module.named_modules():
+            if isinstance(mod, torch.nn.Linear) and f"{b.name}.{name}" not in names:
+                assert "norm" in name, f"{b.name}.{name} is neither a target nor an AdaLN modulation linear"
+
+
+def test_step_tracker_maps_timesteps_not_calls(random_dir):
+    """SD3 batches cond+uncond into one call, Flux makes two calls per step: both map to `steps` indices."""
+    pipe = load_pipeline(random_dir)
+    arch = arch_for_transformer(pipe.transformer)
+    tracker = StepTracker(pipe.scheduler, arch.timestep_scale, "log-decrease")
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: seen.append(tracker.observe(k["timestep"])), with_kwargs=True
+    )
+    try:
+        run_pipeline(pipe, ["a large red circle at the top left"], 0, call_kwargs(pipe.obsdiff_generation) | {"num_inference_steps": 4}, progress=False, output_type="latent")
+    finally:
+        handle.remove()
+    calls_per_step = 1 if arch.name == "sd3" else 2
+    assert seen == [i for i in range(4) for _ in range(calls_per_step)]
+    assert tracker.weight == pytest.approx(float(timestep_weights("log-decrease", 4)[3]))
+
+
+def test_calibrated_hessian_equals_closed_form(random_sd3_dir):
+    """H from the hooks equals 2 * sum_t a_t X_t^T X_t / sum_t a_t rows_t computed from recorded inputs."""
+    pipe = load_pipeline(random_sd3_dir)
+    arch = arch_for_transformer(pipe.transformer)
+    linear = pipe.transformer.transformer_blocks[2].attn.to_q
+    call = call_kwargs(pipe.obsdiff_generation)
+    prompts = ["a small blue cross in the center", "a large green square at the top right"]
+    recorded, tracker = [], StepTracker(pipe.scheduler, arch.timestep_scale)
+    h1 = pipe.transformer.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True)
+    h2 = linear.register_forward_pre_hook(lambda m, a: recorded.append((tracker.step_index, a[0].detach().reshape(-1, a[0].shape[-1]).double())))
+    try:
+        run_pipeline(pipe, prompts, 0, call, batch_size=2, output_type="latent", progress=False)
+    finally:
+        h1.remove(), h2.remove()
+    alpha = timestep_weights("log-decrease", call["num_inference_steps"])
+    num = sum(alpha[i] * 2 * x.T @ x for i, x in recorded)
+    den = sum(alpha[i] * x.shape[0] for i, x in recorded)
+    expected = num / den
+    acc = calibrate(pipe, arch, {"q": linear}, prompts, call, weighting="log-decrease", batch_size=2, progress=False)["q"]
+    assert torch.allclose(acc.hessian.double(), expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+    # CFG doubles the batch: both halves enter H (rows = 2 prompts x 2 halves x 64 image tokens per step).
+    assert recorded[0][1].shape[0] == 2 * 2 * 64
+
+
+@pytest.mark.parametrize("method", ["obs-diff", "sparsegpt", "wanda", "magnitude"])
+def test_every_target_at_requested_sparsity_and_others_untouched(random_dir, method):
+    pipe = load_pipeline(random_dir)
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    report = prune(pipe, PruneConfig(method=method, sparsity=0.6, packages=2, blocks="1:", **FAST), progress=False)
+    targets = _targets(pipe)
+    first_block = blocks(pipe.transformer)[0].name + "."
+    for name, linear in targets.items():
+        frac = float((linear.weight == 0).float().mean())
+        if name.startswith(first_block):
+            assert torch.equal(linear.weight, before[name + ".weight"]), f"{name} is outside --blocks 1: but changed"
+        else:
+            assert abs(frac - 0.6) <= 0.005, f"{name}: sparsity {frac:.4f}"
+            assert torch.isfinite(linear.weight).all()
+    changed = {k for k, v in pipe.transformer.state_dict().items() if not torch.equal(v, before[k])}
+    assert all(k.removesuffix(".weight") in targets for k in changed), "only target weights may change"
+    assert not any(k.endswith(".bias") for k in changed)
+    assert abs(report["achieved_sparsity"] - 0.6) < 0.005
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_nm_patterns_are_valid(random_dir, pattern):
+    pipe = load_pipeline(random_dir)
+    prune(pipe, PruneConfig(pattern=pattern, sparsity=None, packages=1, **FAST), progress=False)
+    _, n, m = parse_pattern(pattern)
+    for name, linear in _targets(pipe).items():
+        zeros = (linear.weight == 0).reshape(linear.out_features, -1, m).sum(-1)
+        assert bool((zeros >= n).all()), f"{name} violates {pattern}"
+
+
+def test_same_seed_gives_bit_identical_weights(random_sd3_dir):
+    states = []
+    for _ in range(2):
+        pipe = load_pipeline(random_sd3_dir)
+        prune(pipe, PruneConfig(sparsity=0.5, packages=3, **FAST), progress=False)
+        states.append(pipe.transformer.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_packages_are_sequential(random_sd3_dir):
+    """With 2 packages the first package sees the dense model (same as 1 package); the second sees it pruned."""
+    runs = {}
+    for g in (1, 2):
+        pipe = load_pipeline(random_sd3_dir)
+        report = prune(pipe, PruneConfig(sparsity=0.5, packages=g, **FAST), progress=False)
+        runs[g] = (pipe.transformer.state_dict(), report)
+    layers = runs[2][1]["layers"]
+    first = [k for k, v in layers.items() if v["package"] == 0]
+    second = [k for k, v in layers.items() if v["package"] == 1]
+    assert first and second
+    assert all(torch.equal(runs[1][0][k + ".weight"], runs[2][0][k + ".weight"]) for k in first)
+    assert not all(torch.equal(runs[1][0][k + ".weight"], runs[2][0][k + ".weight"]) for k in second)
+
+
+def test_package_units_keep_parallel_sets_together(random_sd3_dir):
+    pipe = load_pipeline(random_sd3_dir)
+    selected = blocks(pipe.transformer)
+    for g in (1, 4, 24):
+        packages = package_units(selected, g)
+        assert len(packages) == g
+        flat = [t.names for pkg in packages for unit in pkg for t in unit]
+        assert ["attn.to_q", "attn.to_k", "attn.to_v"] in flat  # q/k/v stay one input group
+        sizes = [len(p) for p in packages]
+        assert max(sizes) - min(sizes) <= 1
+    with pytest.raises(ValueError, match="units"):
+        package_units(selected, 1000)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sparsity=1.5), r"\[0, 1\)"),
+        (dict(pattern="4:2", sparsity=None), "4:2"),
+        (dict(method="random"), "obs-diff"),
+        (dict(weighting="quadratic"), "log-decrease"),
+        (dict(packages=0), "packages"),
+        (dict(blocks="9:3"), "blocks"),
+        (dict(prompts=[]), "empty"),
+    ],
+)
+def test_bad_config_is_refused_before_work(random_sd3_dir, kwargs, match):
+    pipe = load_pipeline(random_sd3_dir)
+    with pytest.raises(ValueError, match=match):
+        prune(pipe, PruneConfig(**(FAST | kwargs)), progress=False)
+
+
+def test_block_range_parsing():
+    assert parse_block_range("1:23", 24) == list(range(1, 23))
+    assert parse_block_range(":", 4) == [0, 1, 2, 3]
+    assert parse_block_range(None, 2) == [0, 1]
+    for bad in ("5", "3:3", "0:25", "a:b"):
+        with pytest.raises(ValueError, match="blocks"):
+            parse_block_range(bad, 24)
