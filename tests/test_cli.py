@@ -1,0 +1,96 @@
+"""The `obsdiff` command line: a complete, loadable output, and one readable line for every bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from obsdiff_lite.cli import main
+
+FAST = ["--num-prompts", "2", "--steps", "2", "--packages", "2"]
+
+
+def test_prune_writes_a_complete_pipeline_loadable_by_plain_diffusers(random_sd3_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", str(random_sd3_dir), "--output", str(out), "--sparsity", "0.5", *FAST]) == 0
+    assert "pruned sd3" in capsys.readouterr().out
+    info = json.loads((out / "obsdiff.json").read_text())
+    assert info["config"]["method"] == "obs-diff" and info["config"]["weighting"] == "log-decrease"
+    assert info["num_packages"] == 2 and set(info["timings"]) >= {"calibration_s", "solve_s", "total_s"}
+    assert {"torch", "diffusers", "obsdiff_lite"} <= set(info["versions"])
+    assert len(info["calibration_prompts"]) == 2
+    assert json.loads((out / "generation.json").read_text())["num_inference_steps"] == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directory left behind"
+
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(out, text_encoder_3=None, tokenizer_3=None)
+    for name, layer in info["layers"].items():
+        module = pipe.transformer.get_submodule(name)
+        assert abs(float((module.weight == 0).float().mean()) - 0.5) < 0.005, name
+    assert len(info["layers"]) == 69
+
+
+def test_nm_pattern_implies_sparsity(random_flux_dir, tmp_path):
+    out = tmp_path / "nm"
+    assert main(["prune", str(random_flux_dir), "--output", str(out), "--pattern", "2:4", "--method", "wanda", *FAST]) == 0
+    info = json.loads((out / "obsdiff.json").read_text())
+    assert info["target_sparsity"] == 0.5 and info["arch"] == "flux"
+
+
+def _bad_cases(model, tmp_path):
+    nonempty = tmp_path / "nonempty"
+    nonempty.mkdir()
+    (nonempty / "x").write_text("x")
+    empty_prompts = tmp_path / "empty.txt"
+    empty_prompts.write_text("\n  \n")
+    not_a_pipeline = tmp_path / "notpipe"
+    not_a_pipeline.mkdir()
+    out = str(tmp_path / "out")
+    cases = {
+        "sparsity 1.5": (["prune", model, "--output", out, "--sparsity", "1.5"], "[0, 1)"),
+        "negative sparsity": (["prune", model, "--output", out, "--sparsity", "-0.1"], "[0, 1)"),
+        "N:M reversed": (["prune", model, "--output", out, "--pattern", "4:2"], "4:2"),
+        "N:M malformed": (["prune", model, "--output", out, "--pattern", "2:"], "2:"),
+        "unknown method": (["prune", model, "--output", out, "--method", "random"], "obs-diff"),
+        "unknown pattern": (["prune", model, "--output", out, "--pattern", "blocky"], "blocky"),
+        "unknown weighting": (["prune", model, "--output", out, "--weighting", "quadratic"], "log-decrease"),
+        "missing model": (["prune", str(tmp_path / "nope"), "--output", out], "does not exist"),
+        "not a pipeline": (["prune", str(not_a_pipeline), "--output", out], "StableDiffusion3Pipeline"),
+        "blocks out of range": (["prune", model, "--output", out, "--blocks", "3:99"], "6 blocks"),
+        "blocks empty": (["prune", model, "--output", out, "--blocks", "4:4"], "blocks"),
+        "packages 0": (["prune", model, "--output", out, "--packages", "0"], "packages"),
+        "packages too many": (["prune", model, "--output", out, "--packages", "999", "--num-prompts", "1"], "units"),
+        "prompt file missing": (["prune", model, "--output", out, "--prompts", str(tmp_path / "p.txt")], "does not exist"),
+        "prompt file empty": (["prune", model, "--output", out, "--prompts", str(empty_prompts)], "no prompts"),
+        "unsupported dtype": (["prune", model, "--output", out, "--dtype", "float64"], "float32"),
+        "output not empty": (["prune", model, "--output", str(nonempty)], "--overwrite"),
+        "N:M with other sparsity": (["prune", model, "--output", out, "--pattern", "2:4", "--sparsity", "0.3"], "implies"),
+    }
+    if not torch.cuda.is_available():  # on a GPU machine this request is legitimate
+        cases["cuda without cuda"] = (["prune", model, "--output", out, "--device", "cuda"], "CUDA")
+    return cases
+
+
+def test_bad_input_gives_one_readable_line(random_sd3_dir, tmp_path, capsys):
+    cases = _bad_cases(str(random_sd3_dir), tmp_path)
+    assert len(cases) >= 12
+    for label, (argv, needle) in cases.items():
+        code = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2, f"{label}: exit {code}"
+        assert err.startswith("obsdiff: error: ") and "\n" not in err, f"{label}: {err!r}"
+        assert needle in err, f"{label}: {err!r} does not mention {needle!r}"
+        assert "Traceback" not in err
+    assert not (tmp_path / "out").exists(), "a refused run must not create its output"
+    assert (tmp_path / "nonempty" / "x").read_text() == "x"
+
+
+def test_console_entry_point_runs_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "obsdiff_lite", "prune", str(tmp_path / "missing"), "--output",
+                           str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("obsdiff: error:") and "Traceback" not in proc.stderr
