@@ -18,6 +18,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(PIP_EXTRA) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[notebooks,test]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
 install: $(BIN)/.installed
@@ -26,7 +27,7 @@ demo: install
 	$(BIN)/obsdiff demo --device $(DEVICE)
 
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest tests/ --nbval-lax notebooks/
 
 notebooks: install
 	$(BIN)/python -m obsdiff_lite.notebooks --render
