@@ -179,3 +179,34 @@ def parse_block_range(text: str | None, num_blocks: int) -> list[int]:
             f"so use 0 <= START < END <= {num_blocks}"
         )
     return list(range(start, end))
+
+
+# Full-size transformer configs (public diffusers configs), for random-weight timing/memory checks and
+# the memory planner. No weights are ever downloaded: these only describe shapes.
+FULL_SIZE_CONFIGS: dict[str, tuple[str, dict]] = {
+    "sd3-medium": ("SD3Transformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)),
+    "sd3.5-large": ("SD3Transformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+        num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm")),
+    "flux-dev": ("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56))),
+}
+
+
+def build_full_size_transformer(name: str, device: str | None = "meta", dtype=None):
+    """A random-init (or, on the meta device, storage-free) full-size transformer of a known config."""
+    import diffusers
+    import torch
+
+    if name not in FULL_SIZE_CONFIGS:
+        raise ValueError(f"unknown full-size config {name!r}; choose one of {', '.join(FULL_SIZE_CONFIGS)}")
+    class_name, config = FULL_SIZE_CONFIGS[name]
+    with torch.device(device or "cpu"):
+        model = getattr(diffusers, class_name)(**config)
+    return model.to(dtype) if dtype is not None else model
