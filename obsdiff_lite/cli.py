@@ -33,8 +33,13 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("model", help="pipeline directory or hub id (e.g. data/tiny-sd3, stabilityai/stable-diffusion-3-medium-diffusers)")
     p.add_argument("--method", default="obs-diff", help=f"{' | '.join(METHODS)} (default obs-diff)")
-    p.add_argument("--pattern", default="unstructured", help="unstructured | 2:4 | 4:8 | N:M (default unstructured)")
+    p.add_argument("--pattern", default="unstructured",
+                   help="unstructured | 2:4 | 4:8 | N:M | structured (whole heads and FFN neurons; default unstructured)")
     p.add_argument("--sparsity", type=float, default=None, help="fraction of weights removed per layer (default 0.5; implied by N:M)")
+    p.add_argument("--head-sparsity", type=float, default=None,
+                   help="structured: fraction of heads removed per block (default --sparsity)")
+    p.add_argument("--ffn-sparsity", type=float, default=None,
+                   help="structured: fraction of FFN neurons removed per FFN (default --sparsity)")
     p.add_argument("--weighting", default="log-decrease", help=f"timestep weighting: {' | '.join(WEIGHTINGS)}")
     p.add_argument("--weight-range", type=float, nargs=2, default=(0.8, 1.2), metavar=("MIN", "MAX"))
     p.add_argument("--packages", type=int, default=4, help="module packages (1 .. number of units; default 4)")
@@ -44,7 +49,7 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's generation.json)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's generation.json)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--blocks", default=None, help="START:END block range, END exclusive (default all)")
+    p.add_argument("--blocks", default=None, help="START:END block range, END exclusive (default all; structured: 1:N-1)")
     p.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of mean Hessian diagonal")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call during calibration")
     p.add_argument("--hessian-device", default=None, help="keep Hessians here (e.g. cpu) while the model runs on --device")
@@ -56,10 +61,12 @@ def _prune_config(args):
 
     prompts = read_prompts(args.prompts) if args.prompts is not None else None
     sparsity = args.sparsity
-    if sparsity is None and args.pattern == "unstructured":
+    both_specific = args.head_sparsity is not None and args.ffn_sparsity is not None
+    if sparsity is None and (args.pattern == "unstructured" or (args.pattern == "structured" and not both_specific)):
         sparsity = 0.5
     return PruneConfig(
-        method=args.method, pattern=args.pattern, sparsity=sparsity, weighting=args.weighting,
+        method=args.method, pattern=args.pattern, sparsity=sparsity, head_sparsity=args.head_sparsity,
+        ffn_sparsity=args.ffn_sparsity, weighting=args.weighting,
         weight_range=tuple(args.weight_range), packages=args.packages, num_prompts=args.num_prompts,
         prompts=prompts, steps=args.steps, guidance=args.guidance, seed=args.seed, blocks=args.blocks,
         damp=args.damp, batch_size=args.batch_size, hessian_device=args.hessian_device,
@@ -84,6 +91,13 @@ def cmd_prune(args) -> int:
         extra = {"generation.json": json.dumps(generation, indent=2) + "\n"} if generation else {}
         save_pipeline(pipe, args.output, report, overwrite=args.overwrite, extra_files=extra)
     t = report["timings"]
+    if "structure" in report:
+        print(
+            f"pruned {report['arch']} {args.model} with {config.method} (structured: parameters "
+            f"{report['parameters_before']:,} -> {report['parameters_after']:,}, linear MACs "
+            f"{report['macs_before']:,} -> {report['macs_after']:,}) in {t['total_s']:.1f} s -> {args.output}"
+        )
+        return 0
     print(
         f"pruned {report['arch']} {args.model} with {config.method} ({config.pattern}, "
         f"{report['achieved_sparsity']:.1%} of {report['targeted_parameters']:,} targeted weights) in "

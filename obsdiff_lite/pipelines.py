@@ -50,6 +50,12 @@ def _pipeline_class_name(path: Path) -> str:
     return json.loads(index.read_text())["_class_name"]
 
 
+def _saved_structure(path: Path) -> dict | None:
+    """The "structure" recorded in a pruned output's obsdiff.json (None for dense or unstructured outputs)."""
+    report = path / "obsdiff.json"
+    return json.loads(report.read_text()).get("structure") if report.is_file() else None
+
+
 def load_pipeline(path_or_id: str | Path, device: str | torch.device | None = "cpu", dtype=None, **kwargs):
     """Load an SD3 or Flux pipeline from a local directory or hub id (pruned outputs included)."""
     import diffusers
@@ -71,6 +77,13 @@ def load_pipeline(path_or_id: str | Path, device: str | torch.device | None = "c
             if not name.startswith("_") and isinstance(value, list) and value[0] is None:
                 kwargs.setdefault(name, None)
         source = str(path)
+        structure = _saved_structure(path)
+        if structure and "transformer" not in kwargs:  # structurally pruned: plain from_pretrained cannot shape it
+            from .surgery import load_structured_transformer
+
+            kwargs["transformer"] = load_structured_transformer(
+                path / "transformer", index["transformer"][1], structure, torch_dtype
+            )
     else:
         looks_like_id = str(path_or_id).count("/") == 1 and not str(path_or_id).startswith((".", "/"))
         if not looks_like_id:

@@ -33,7 +33,8 @@ from .schedules import WEIGHTINGS
 
 log = logging.getLogger(__name__)
 
-METHODS = ("obs-diff", "sparsegpt", "wanda", "magnitude")
+METHODS = ("obs-diff", "sparsegpt", "wanda", "magnitude", "l1-norm")
+STRUCTURED_METHODS = ("obs-diff", "l1-norm")  # pattern "structured": whole heads and FFN neurons
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "data" / "prompts"
 
 
@@ -42,8 +43,10 @@ class PruneConfig:
     """Everything that determines a pruning run (recorded verbatim in obsdiff.json)."""
 
     method: str = "obs-diff"
-    pattern: str = "unstructured"  # unstructured | N:M (2:4, 4:8)
+    pattern: str = "unstructured"  # unstructured | N:M (2:4, 4:8) | structured (heads and FFN neurons)
     sparsity: float | None = 0.5  # None with N:M: implied by the pattern
+    head_sparsity: float | None = None  # structured only: fraction of heads removed per block (default: sparsity)
+    ffn_sparsity: float | None = None  # structured only: fraction of FFN neurons removed (default: sparsity)
     weighting: str = "log-decrease"
     weight_range: tuple[float, float] = (0.8, 1.2)
     packages: int = 4
@@ -62,12 +65,39 @@ class PruneConfig:
         """Refuse impossible settings with one readable line each."""
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.pattern == "structured":
+            self._validate_structured()
+        elif self.method == "l1-norm":
+            raise ValueError("method l1-norm removes whole heads and neurons; use it with --pattern structured")
+        elif self.head_sparsity is not None or self.ffn_sparsity is not None:
+            raise ValueError("--head-sparsity / --ffn-sparsity apply only to --pattern structured")
+        else:
+            self._validate_sparsity()
+        self._validate_common()
+
+    def _validate_structured(self) -> None:
+        """Structured pruning: obs-diff or l1-norm, and a head and an FFN sparsity in [0, 1)."""
+        if self.method not in STRUCTURED_METHODS:
+            raise ValueError(
+                f"method {self.method} does not remove whole heads or neurons; with --pattern structured use "
+                f"{' or '.join(STRUCTURED_METHODS)}"
+            )
+        for label, value in (("head", self.head_sparsity), ("FFN", self.ffn_sparsity)):
+            value = self.sparsity if value is None else value
+            if value is None or not (0.0 <= float(value) < 1.0):
+                raise ValueError(f"structured {label} sparsity must be in [0, 1) (e.g. 0.3 for 30%), got {value}")
+
+    def _validate_sparsity(self) -> None:
+        """Unstructured / N:M: the pattern parses and the sparsity fits it."""
         kind, n, m = parse_pattern(self.pattern)
         if kind == "nm":
             if self.sparsity not in (None, n / m):
                 raise ValueError(f"pattern {self.pattern} implies sparsity {n / m:g}; drop --sparsity or set it to {n / m:g}")
         elif self.sparsity is None or not (0.0 <= float(self.sparsity) < 1.0):
             raise ValueError(f"sparsity must be in [0, 1) (e.g. 0.5 for 50%), got {self.sparsity}")
+
+    def _validate_common(self) -> None:
+        """Settings shared by every pattern."""
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
         lo, hi = self.weight_range
@@ -172,6 +202,10 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True) -> dic
     """Prune ``pipe.transformer`` in place; return a JSON-ready report (settings, per-layer stats, timings)."""
     config = config or PruneConfig()
     config.validate()
+    if config.pattern == "structured":
+        from .structured import prune_structured
+
+        return prune_structured(pipe, config, progress=progress)
     transformer = pipe.transformer
     arch = arch_for_transformer(transformer)
     all_blocks = blocks(transformer, arch)

@@ -2,7 +2,8 @@
 
 The output is written to a hidden temporary sibling (``.NAME.partial-XXXX``) and renamed into place
 only when everything, ``obsdiff.json`` included, is on disk; an interrupted run leaves no directory
-that looks like a model.
+that looks like a model. The structural surgery below (slice modules, set head counts, rebuild a
+structurally pruned transformer from its recorded structure) lives here too.
 """
 
 from __future__ import annotations
@@ -11,8 +12,14 @@ import json
 import shutil
 import signal
 import tempfile
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .arch import Block, FFNSpec, blocks, get_linear
 
 
 def check_output_dir(output: str | Path, overwrite: bool = False) -> Path:
@@ -69,3 +76,185 @@ def save_pipeline(pipe, output: str | Path, report: dict, overwrite: bool = Fals
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output
+
+
+# --- Structural surgery: physically remove attention heads and FFN neurons -------------------------
+#
+# A *structure* records, for every block, its head count and the hidden size of each FFN (keyed by the
+# up projection's name), e.g. {"transformer_blocks.3": {"heads": 3, "ff.net.0.proj": 180,
+# "ff_context.net.0.proj": 180}}. Together with the model's config.json it fixes every module shape,
+# so ``apply_structure`` can shrink a freshly built transformer before its pruned weights are loaded.
+
+
+def slice_linear_rows(linear: nn.Linear, keep: Tensor) -> None:
+    """Keep only the output rows ``keep`` of ``linear`` (weight and bias), in place."""
+    keep = keep.to(linear.weight.device)
+    linear.weight = nn.Parameter(linear.weight.detach().index_select(0, keep).clone(), linear.weight.requires_grad)
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.detach().index_select(0, keep).clone(), linear.bias.requires_grad)
+    linear.out_features = int(keep.numel())
+
+
+def slice_linear_cols(linear: nn.Linear, keep: Tensor) -> None:
+    """Keep only the input columns ``keep`` of ``linear``, in place (the bias is unchanged)."""
+    keep = keep.to(linear.weight.device)
+    linear.weight = nn.Parameter(linear.weight.detach().index_select(1, keep).clone(), linear.weight.requires_grad)
+    linear.in_features = int(keep.numel())
+
+
+def attention_module(block: Block) -> nn.Module:
+    """The attention module of ``block`` (the parent of its first q/k/v projection)."""
+    if block.spec.heads is None:
+        raise ValueError(f"{block.name} ({block.spec.kind} block) has no attention heads")
+    return block.module.get_submodule(block.spec.heads.qkv[0].rsplit(".", 1)[0])
+
+
+def head_dim(attn: nn.Module) -> int:
+    """Channels per head (Flux stores it; diffusers' Attention only has heads and the q width)."""
+    return int(getattr(attn, "head_dim", None) or attn.to_q.out_features // attn.heads)
+
+
+def head_channels(heads: Sequence[int] | Tensor, dim: int) -> Tensor:
+    """Channel indices of ``heads`` (head h owns channels h*dim .. h*dim+dim-1), in the given order."""
+    heads = torch.as_tensor(heads, dtype=torch.long).reshape(-1, 1)
+    return (heads * dim + torch.arange(dim)).reshape(-1)
+
+
+def set_heads(attn: nn.Module, heads: int) -> None:
+    """Make ``attn`` consistent with ``heads`` heads (SD3's processor derives head_dim from ``attn.heads``)."""
+    dim = head_dim(attn)
+    attn.heads = heads
+    attn.inner_dim = heads * dim
+    if hasattr(attn, "inner_kv_dim"):
+        attn.inner_kv_dim = heads * dim
+
+
+def _check_per_head_norms(attn: nn.Module, dim: int) -> None:
+    """Refuse q/k norms across all heads: removing a head would change the other heads' normalisation."""
+    for name in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+        norm = getattr(attn, name, None)
+        shape = getattr(norm, "normalized_shape", None) or getattr(norm, "dim", None)  # LpNorm's int dim: per head
+        if isinstance(shape, (tuple, list, torch.Size)) and torch.Size(shape).numel() != dim:
+            raise ValueError(
+                f"attention {name} normalises across heads (width {torch.Size(shape).numel()}); "
+                "head pruning needs per-head q/k norms"
+            )
+
+
+def _sync_single_block(block: Block) -> None:
+    """Flux single blocks remember their MLP width and how proj_out's input splits; keep both current."""
+    module = block.module
+    if block.spec.kind != "single":
+        return
+    mlp = block.spec.ffns[0]
+    hidden = get_linear(module, mlp.up).out_features
+    if hasattr(module, "mlp_hidden_dim"):
+        module.mlp_hidden_dim = hidden
+    down = get_linear(module, mlp.down)
+    if hasattr(down, "_tp_packed_row_blocks"):
+        down._tp_packed_row_blocks = [down.in_features - hidden, hidden]
+
+
+def remove_heads(block: Block, keep_heads: Sequence[int]) -> None:
+    """Keep only heads ``keep_heads`` of ``block``: q/k/v rows, out-projection columns and ``attn.heads``."""
+    spec, attn = block.spec.heads, attention_module(block)
+    dim, old = head_dim(attn), int(attn.heads)
+    keep_heads = sorted(int(h) for h in keep_heads)
+    if not keep_heads or len(set(keep_heads)) != len(keep_heads) or keep_heads[-1] >= old or keep_heads[0] < 0:
+        raise ValueError(f"{block.name}: cannot keep heads {keep_heads} of {old} (need at least one, each once)")
+    _check_per_head_norms(attn, dim)
+    rows = head_channels(keep_heads, dim)
+    for name in spec.qkv:
+        linear = get_linear(block.module, name)
+        if linear is not None:
+            slice_linear_rows(linear, rows)
+    for name in spec.out:
+        linear = get_linear(block.module, name)
+        if linear is None:
+            continue
+        rest = torch.arange(old * dim, linear.in_features) if spec.out_columns == "first" else torch.arange(0)
+        slice_linear_cols(linear, torch.cat([rows, rest]))
+    set_heads(attn, len(keep_heads))
+    _sync_single_block(block)
+
+
+def remove_neurons(block: Block, ffn: FFNSpec, keep: Sequence[int] | Tensor) -> None:
+    """Keep only hidden neurons ``keep`` of one FFN of ``block``: rows of its up and columns of its down projection."""
+    up, down = get_linear(block.module, ffn.up), get_linear(block.module, ffn.down)
+    keep = torch.as_tensor(keep, dtype=torch.long).sort().values
+    hidden = up.out_features
+    if keep.numel() == 0 or int(keep[-1]) >= hidden or int(keep[0]) < 0 or len(keep.unique()) != len(keep):
+        raise ValueError(
+            f"{block.name}.{ffn.up}: cannot keep {keep.numel()} of {hidden} neurons (need at least one, each once)"
+        )
+    offset = down.in_features - hidden  # 0, or the attention columns that precede the MLP ones (Flux single)
+    slice_linear_rows(up, keep)
+    slice_linear_cols(down, torch.cat([torch.arange(offset), keep + offset]))
+    _sync_single_block(block)
+
+
+def block_structure(block: Block) -> dict[str, int]:
+    """{"heads": n, <up projection>: hidden size, ...} for one block (enough to rebuild its shapes)."""
+    out: dict[str, int] = {}
+    if block.spec.heads is not None:
+        out["heads"] = int(attention_module(block).heads)
+    for ffn in block.spec.ffns:
+        up = get_linear(block.module, ffn.up)
+        if up is not None:
+            out[ffn.up] = int(up.out_features)
+    return out
+
+
+def transformer_structure(transformer: nn.Module) -> dict[str, dict[str, int]]:
+    """``block_structure`` of every block, keyed by block name (e.g. "transformer_blocks.3")."""
+    return {b.name: block_structure(b) for b in blocks(transformer)}
+
+
+def apply_structure(transformer: nn.Module, structure: dict[str, dict[str, int]]) -> None:
+    """Shrink a freshly built transformer to ``structure`` (keeps the first heads/neurons; weights load later)."""
+    by_name = {b.name: b for b in blocks(transformer)}
+    unknown = sorted(set(structure) - set(by_name))
+    if unknown:
+        raise ValueError(f"the saved structure names blocks this transformer lacks: {', '.join(unknown)}")
+    for name, entry in structure.items():
+        block = by_name[name]
+        current = block_structure(block)
+        for key, value in entry.items():
+            if key not in current:
+                raise ValueError(f"the saved structure of {name} has {key!r}, which this block lacks")
+            if not 1 <= int(value) <= current[key]:
+                raise ValueError(
+                    f"the saved structure of {name} asks for {key}={value}, but the model has {current[key]}"
+                )
+        if entry.get("heads", current.get("heads")) != current.get("heads"):
+            remove_heads(block, range(int(entry["heads"])))
+        for ffn in block.spec.ffns:
+            if ffn.up in entry and int(entry[ffn.up]) != current[ffn.up]:
+                remove_neurons(block, ffn, torch.arange(int(entry[ffn.up])))
+
+
+def load_structured_transformer(directory: str | Path, class_name: str, structure: dict[str, dict[str, int]],
+                                dtype: torch.dtype | None = None) -> nn.Module:
+    """Build ``class_name`` from ``directory``/config.json, shrink it to ``structure``, load its weights strictly."""
+    import diffusers
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{directory} has no .safetensors weights to load the structurally pruned transformer from")
+    cls = getattr(diffusers, class_name)
+    config = cls.load_config(directory)
+    state: dict[str, Tensor] = {}
+    for file in files:  # clone: tensors viewing the file buffer can be misaligned, and BLAS then rounds differently
+        state.update({k: v.clone() for k, v in load_file(file).items()})
+    with torch.device("meta"):  # no random init of weights that are overwritten anyway
+        model = cls.from_config(config)
+    apply_structure(model, structure)
+    model.load_state_dict(state, strict=True, assign=True)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a non-persistent buffer: build for real
+        model = cls.from_config(config)
+        apply_structure(model, structure)
+        model.load_state_dict(state, strict=True)
+    model.eval()  # as from_pretrained leaves it
+    return model.to(dtype) if dtype is not None else model

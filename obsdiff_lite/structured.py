@@ -1,0 +1,482 @@
+"""Structured OBS-Diff: remove whole attention heads and FFN neurons, and physically shrink the model.
+
+    report = prune_structured(pipe, PruneConfig(pattern="structured", sparsity=0.3))
+
+Every selected block (default: all but the first and the last, as in the paper) has two units, in
+forward order: its *heads* unit (inputs of the attention out-projections) and its *FFN* unit (inputs
+of the down projections). Units are cut into module packages as in the unstructured engine: one
+timestep-weighted calibration pass per package, then its units are pruned and shrunk, so the next
+package is calibrated on the already smaller model.
+
+Removing a set Q of input columns of W, given the Hessian H of its inputs, costs (group OBS)
+
+    L_Q = trace(W_Q ([H^-1]_QQ)^-1 W_Q^T)   with the optimal update   dW = -W_Q ([H^-1]_QQ)^-1 H^-1[Q, :].
+
+FFN neurons are single down-projection columns (L_j = sum_rows W_j^2 / [H^-1]_jj); they go in
+shrinking chunks, H^-1 recomputed on the remaining columns after each (SlimGPT). Heads are head_dim
+columns of every out-projection; they go one at a time, with fresh H^-1, the per-projection rankings
+(image and text stream) fused by Reciprocal Rank Fusion (k = 60), and each out-projection compensated
+with its own Hessian. The q/k/v (and add_q/k/v) rows, up-projection rows and out/down-projection
+columns are then sliced away and ``attn.heads`` is updated (``surgery.remove_heads``/``remove_neurons``).
+
+SD3's last block (``context_pre_only``) discards its text queries, but heads are shared by both
+streams, so its add_q_proj rows are sliced with each head and the projection itself stays.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from types import MappingProxyType
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .arch import Block, FFNSpec, arch_for_transformer, blocks, get_linear, parse_block_range
+from .calibrate import calibrate
+from .hessian import ieee_fp32_matmul
+from .obs import prepare_inverse_hessian
+from .pipelines import call_kwargs
+from .prune import PruneConfig, _peak_memory_bytes, default_prompts, versions
+from .surgery import attention_module, head_channels, head_dim, remove_heads, remove_neurons, transformer_structure
+
+RRF_K = 60  # Reciprocal Rank Fusion constant (paper)
+MIN_CHUNK, MAX_CHUNK = 64, 1024  # SlimGPT-style FFN chunk bounds (paper code)
+# Latent pixels per token side beyond the transformer's own patch size: Flux packs 2x2 latent patches.
+_TOKEN_PACKING = MappingProxyType({"flux": 2})
+_DEFAULT_TEXT_TOKENS = MappingProxyType({"sd3": 256, "flux": 512})  # pipelines' default max_sequence_length
+
+
+# --- The group OBS solver -----------------------------------------------------------------------------
+
+
+def _inverse_hessian(hessian: Tensor, damp: float, name: str = "") -> Tensor:
+    """(H + damp * mean diag * I)^-1, via the engine's retrying Cholesky."""
+    upper, _ = prepare_inverse_hessian(hessian, damp=damp, name=name)
+    with ieee_fp32_matmul(upper.device):
+        return upper.T @ upper
+
+
+def group_saliency(weight: Tensor, hinv: Tensor, groups: Tensor) -> Tensor:
+    """OBS cost trace(W_Q ([H^-1]_QQ)^-1 W_Q^T) of removing each group Q (rows of ``groups``: column indices)."""
+    wq = weight[:, groups].permute(1, 2, 0)  # [G, g, rows]
+    hqq = hinv[groups.unsqueeze(-1), groups.unsqueeze(-2)]  # [G, g, g]
+    return (wq * torch.linalg.solve(hqq, wq)).sum(dim=(1, 2))
+
+
+def obs_remove_columns(weight: Tensor, hinv: Tensor, cols: Tensor) -> Tensor:
+    """``weight`` after removing columns ``cols`` optimally: W - W_Q ([H^-1]_QQ)^-1 H^-1[Q, :] (columns Q become 0)."""
+    coef = torch.linalg.solve(hinv[cols][:, cols], weight[:, cols].T).T  # W_Q [H^-1]_QQ^-1 (symmetric)
+    out = weight - coef @ hinv[cols]
+    out[:, cols] = 0.0
+    return out
+
+
+def chunk_size(remaining: int) -> int:
+    """Neurons removed in the next FFN chunk: (remaining - 512) // 2 clamped to [64, 1024], at most ``remaining``."""
+    return min(remaining, max(MIN_CHUNK, min(MAX_CHUNK, (remaining - 512) // 2)))
+
+
+class ColumnPruner:
+    """Removes input columns of one linear, keeping its weight and Hessian restricted to the live columns."""
+
+    def __init__(self, weight: Tensor, hessian: Tensor, damp: float = 0.01, name: str = ""):
+        work = torch.float64 if hessian.dtype == torch.float64 else torch.float32
+        self.name, self.damp = name, damp
+        self.hessian0 = hessian.detach().to(work)
+        self.weight0 = weight.detach().to(self.hessian0.device, work, copy=True)  # the layer is written back later
+        if tuple(self.hessian0.shape) != (self.weight0.shape[1],) * 2:
+            raise ValueError(f"Hessian of {name!r} has shape {tuple(hessian.shape)}, expected {(weight.shape[1],) * 2}")
+        self.live = torch.arange(self.weight0.shape[1], device=self.hessian0.device)  # original indices, ascending
+        self.weight = self.weight0.clone()  # [rows, live]
+
+    def positions(self, columns: Tensor) -> Tensor:
+        """Positions among the live columns of original column indices ``columns`` (all must be live)."""
+        return torch.searchsorted(self.live, columns.to(self.live.device))
+
+    def live_hessian(self) -> Tensor:
+        """H restricted to the live columns (exactly the Hessian a recalibration of the shrunk layer would give)."""
+        return self.hessian0[self.live][:, self.live]
+
+    def inverse(self) -> Tensor:
+        """Damped H^-1 over the live columns."""
+        return _inverse_hessian(self.live_hessian(), self.damp, self.name)
+
+    def remove(self, positions: Tensor, hinv: Tensor | None) -> None:
+        """Drop the live columns at ``positions``; with ``hinv`` compensate the others by the OBS update."""
+        with ieee_fp32_matmul(self.weight.device):
+            if hinv is not None:
+                self.weight = obs_remove_columns(self.weight, hinv, positions)
+        keep = torch.ones(len(self.live), dtype=torch.bool, device=self.live.device)
+        keep[positions] = False
+        self.weight, self.live = self.weight[:, keep], self.live[keep]
+
+    def full_weight(self) -> Tensor:
+        """The weight at its original width, removed columns zero."""
+        out = torch.zeros_like(self.weight0)
+        out[:, self.live] = self.weight
+        return out
+
+    def stats(self) -> dict:
+        """Layer reconstruction error trace(dW H dW^T) / 2 (undamped H), absolute and relative to W H W^T / 2."""
+        with ieee_fp32_matmul(self.weight0.device):
+            dw = self.weight0 - self.full_weight()
+            recon = float(((dw @ self.hessian0) * dw).sum() / 2)
+            base = float(((self.weight0 @ self.hessian0) * self.weight0).sum() / 2)
+        return {"recon_error": recon, "recon_error_rel": recon / base if base > 0 else 0.0}
+
+
+def prune_columns(weight: Tensor, hessian: Tensor, candidates: Tensor, count: int, damp: float = 0.01,
+                  compensate: bool = True, name: str = "") -> tuple[Tensor, Tensor, dict]:
+    """Remove ``count`` of the ``candidates`` columns by OBS saliency in shrinking chunks; (weight, removed, stats).
+
+    The returned weight keeps the original width with the removed columns zeroed (the rest compensated
+    unless ``compensate`` is False); ``removed`` holds the removed column indices, ascending.
+    """
+    pruner = ColumnPruner(weight, hessian, damp, name)
+    alive = torch.as_tensor(candidates, dtype=torch.long, device=pruner.live.device).sort().values
+    if not 0 <= count < len(alive):
+        raise ValueError(f"cannot remove {count} of {len(alive)} candidate columns of {name!r}")
+    removed, remaining = [], count
+    while remaining > 0:
+        chunk = chunk_size(remaining)
+        hinv = pruner.inverse()
+        pos = pruner.positions(alive)
+        scores = (pruner.weight[:, pos] ** 2).sum(0) / torch.diagonal(hinv)[pos]
+        order = torch.sort(scores, stable=True).indices[:chunk]
+        pruner.remove(pos[order], hinv if compensate else None)
+        removed.append(alive[order])
+        alive = alive[~torch.isin(alive, alive[order])]
+        remaining -= chunk
+    gone = torch.cat(removed).sort().values if removed else alive[:0]
+    return pruner.full_weight(), gone, pruner.stats()
+
+
+def prune_heads_obs(pruners: dict[str, ColumnPruner], head_columns: list[Tensor], count: int,
+                    rrf_k: int = RRF_K) -> tuple[list[int], list[dict]]:
+    """Remove ``count`` heads one per iteration (fresh H^-1, RRF-fused rankings, OBS update on every projection)."""
+    alive = list(range(len(head_columns)))
+    removed, history = [], []
+    for _ in range(count):
+        fused = torch.zeros(len(alive), dtype=torch.float64)
+        hinvs, saliencies = {}, {}
+        for name, pruner in pruners.items():
+            hinvs[name] = pruner.inverse()
+            groups = torch.stack([pruner.positions(head_columns[h]) for h in alive])
+            with ieee_fp32_matmul(pruner.weight.device):
+                sal = group_saliency(pruner.weight, hinvs[name], groups).double().cpu()
+            ranks = torch.argsort(torch.argsort(sal, stable=True), stable=True) + 1  # 1 = cheapest to remove
+            fused += 1.0 / (rrf_k + ranks.double())
+            saliencies[name] = sal
+        pick = int(torch.argmax(fused))  # ties: the lowest head index
+        head = alive.pop(pick)
+        for name, pruner in pruners.items():
+            pruner.remove(pruner.positions(head_columns[head]), hinvs[name])
+        removed.append(head)
+        history.append({"head": head, "saliency": {n: float(s[pick]) for n, s in saliencies.items()}})
+    return removed, history
+
+
+# --- Units, packages and the per-unit work -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StructuredUnit:
+    """One unit of structured pruning: the heads, or the FFNs, of one block."""
+
+    block: Block
+    kind: str  # "heads" | "ffn"
+
+    def ffns(self) -> list[FFNSpec]:
+        """The block's FFNs that are really present (SD3's last block has no ff_context)."""
+        m = self.block.module
+        return [f for f in self.block.spec.ffns
+                if get_linear(m, f.up) is not None and get_linear(m, f.down) is not None]
+
+    def linears(self) -> dict[str, nn.Linear]:
+        """The projections whose inputs this unit prunes (out- or down-projections), by full name."""
+        names = self.block.spec.heads.out if self.kind == "heads" else tuple(f.down for f in self.ffns())
+        found = {n: get_linear(self.block.module, n) for n in names}
+        return {f"{self.block.name}.{n}": lin for n, lin in found.items() if lin is not None}
+
+
+def structured_units(selected: list[Block]) -> list[StructuredUnit]:
+    """Per selected block, its heads unit then its FFN unit (those it has), in forward order."""
+    units = []
+    for block in selected:
+        for kind in ("heads", "ffn"):
+            unit = StructuredUnit(block, kind)
+            if (kind == "heads" and block.spec.heads is None) or not unit.linears():
+                continue
+            units.append(unit)
+    return units
+
+
+def split_packages(units: list[StructuredUnit], num_packages: int) -> list[list[StructuredUnit]]:
+    """Cut the units into ``num_packages`` contiguous near-equal module packages."""
+    if num_packages > len(units):
+        raise ValueError(
+            f"packages={num_packages} but the selected blocks have only {len(units)} structured units "
+            f"(heads and FFN per block); use 1..{len(units)}"
+        )
+    bounds = np.linspace(0, len(units), num_packages + 1).round().astype(int)
+    return [units[bounds[i] : bounds[i + 1]] for i in range(num_packages)]
+
+
+def structured_sparsities(config: PruneConfig) -> tuple[float, float]:
+    """(head sparsity, FFN sparsity): the specific settings, else ``config.sparsity``."""
+    head = config.head_sparsity if config.head_sparsity is not None else config.sparsity
+    ffn = config.ffn_sparsity if config.ffn_sparsity is not None else config.sparsity
+    return float(head), float(ffn)
+
+
+def default_structured_blocks(num_blocks: int) -> str | None:
+    """The paper's structured default: every block but the first and the last ("1:N-1")."""
+    return f"1:{num_blocks - 1}" if num_blocks > 2 else None
+
+
+def _unit_plan(unit: StructuredUnit, head_s: float, ffn_s: float) -> dict[str, int]:
+    """How many heads (key "heads") or neurons (key: up projection) this unit removes; refuses emptying a module."""
+    if unit.kind == "heads":
+        n = int(attention_module(unit.block).heads)
+        count = round(n * head_s)
+        if count >= n:
+            raise ValueError(
+                f"head sparsity {head_s:g} would remove all {n} heads of {unit.block.name}; use a smaller value"
+            )
+        return {"heads": count}
+    plan = {}
+    for ffn in unit.ffns():
+        hidden = get_linear(unit.block.module, ffn.up).out_features
+        plan[ffn.up] = round(hidden * ffn_s)
+        if plan[ffn.up] >= hidden:
+            raise ValueError(f"FFN sparsity {ffn_s:g} would remove all {hidden} neurons of {unit.block.name}.{ffn.up}")
+    return plan
+
+
+def _write_weight(linear: nn.Linear, weight: Tensor) -> None:
+    """Copy a solver result back into ``linear`` in its own dtype and device."""
+    linear.weight.data.copy_(weight.to(linear.weight.device, linear.weight.dtype))
+
+
+def _prune_heads(unit: StructuredUnit, count: int, method: str, hessians: dict[str, Tensor], damp: float
+                 ) -> tuple[dict, dict[str, dict]]:
+    """Remove ``count`` heads of the unit's block (OBS or L1) and shrink it; (block record, layer records)."""
+    block, attn = unit.block, attention_module(unit.block)
+    heads, dim = int(attn.heads), head_dim(attn)
+    linears = unit.linears()
+    head_columns = [head_channels([h], dim) for h in range(heads)]
+    layers = {name: {"in_features_before": lin.in_features} for name, lin in linears.items()}
+    history: list[dict] = []
+    if method == "l1-norm":
+        scores = torch.zeros(heads, dtype=torch.float64)
+        for lin in linears.values():
+            w = lin.weight.detach().abs().double().cpu()
+            scores += torch.stack([w[:, cols].sum() for cols in head_columns])
+        removed = torch.sort(scores, stable=True).indices[:count].tolist()
+    else:
+        pruners = {name: ColumnPruner(lin.weight, hessians[name], damp, name) for name, lin in linears.items()}
+        removed, history = prune_heads_obs(pruners, head_columns, count)
+        for name, lin in linears.items():
+            _write_weight(lin, pruners[name].full_weight())
+            hessians[name] = pruners[name].live_hessian()  # a later unit of this package may read this input too
+            layers[name].update(pruners[name].stats())
+    remove_heads(block, [h for h in range(heads) if h not in removed])
+    for name, lin in linears.items():
+        layers[name]["in_features_after"] = lin.in_features
+    record = {"heads_before": heads, "heads_after": int(attn.heads), "removed_heads": sorted(removed)}
+    if history:
+        record["removal_order"] = history
+    return record, layers
+
+
+def _prune_ffns(unit: StructuredUnit, plan: dict[str, int], method: str, hessians: dict[str, Tensor], damp: float
+                ) -> tuple[dict, dict[str, dict]]:
+    """Remove the planned neurons of each FFN of the unit's block (OBS or L1) and shrink it; (record, layers)."""
+    block = unit.block
+    record, layers = {}, {}
+    for ffn in unit.ffns():
+        up, down = get_linear(block.module, ffn.up), get_linear(block.module, ffn.down)
+        name = f"{block.name}.{ffn.down}"
+        hidden, count = up.out_features, plan[ffn.up]
+        offset = down.in_features - hidden  # Flux single proj_out: the attention columns come first
+        candidates = torch.arange(offset, offset + hidden)
+        layers[name] = {"in_features_before": down.in_features}
+        if method == "l1-norm":
+            scores = down.weight.detach().abs().double().sum(0).cpu()[candidates]
+            removed = candidates[torch.sort(scores, stable=True).indices[:count]]
+        else:
+            new, removed, stats = prune_columns(down.weight, hessians[name], candidates, count, damp, name=name)
+            _write_weight(down, new)
+            layers[name].update(stats)
+        keep = candidates[~torch.isin(candidates, removed.cpu())] - offset
+        remove_neurons(block, ffn, keep)
+        layers[name]["in_features_after"] = down.in_features
+        record[ffn.up] = {"before": hidden, "after": up.out_features}
+    return record, layers
+
+
+# --- Size accounting -------------------------------------------------------------------------------------
+
+
+def count_parameters(transformer: nn.Module) -> int:
+    """All parameters of the transformer."""
+    return sum(int(p.numel()) for p in transformer.parameters())
+
+
+def image_tokens(transformer: nn.Module, height: int, width: int, vae_scale_factor: int = 8) -> int:
+    """Image tokens of one transformer call at ``height`` x ``width`` pixels (VAE downscale, then patching)."""
+    arch = arch_for_transformer(transformer)
+    pixels = vae_scale_factor * int(getattr(transformer.config, "patch_size", 1)) * _TOKEN_PACKING.get(arch.name, 1)
+    return (height // pixels) * (width // pixels)
+
+
+def _linear_tokens(block: Block, name: str, n_image: int, n_text: int) -> int:
+    """Tokens a block linear sees per sample: AdaLN modulation 1, single blocks all, joint blocks one stream."""
+    if any(part.startswith("norm") for part in name.split(".")):
+        return 1  # modulation linears read the pooled timestep/text embedding
+    if block.spec.kind == "single":
+        return n_image + n_text
+    return n_text if ("add_" in name or "context" in name) else n_image
+
+
+def linear_macs(transformer: nn.Module, height: int, width: int, text_tokens: int, vae_scale_factor: int = 8) -> int:
+    """nn.Linear multiply-adds inside the transformer blocks for one forward at batch 1 (the paper's TFLOPs)."""
+    n_image = image_tokens(transformer, height, width, vae_scale_factor)
+    total = 0
+    for block in blocks(transformer):
+        for name, module in block.module.named_modules():
+            if isinstance(module, nn.Linear):
+                tokens = _linear_tokens(block, name, n_image, text_tokens)
+                total += tokens * module.in_features * module.out_features
+    return total
+
+
+def mac_geometry(pipe, call: dict) -> dict[str, int]:
+    """Resolution and text length at which the report counts MACs: the call's, else the pipeline defaults."""
+    arch = arch_for_transformer(pipe.transformer)
+    scale = int(getattr(pipe, "vae_scale_factor", 8))
+    height = int(call.get("height") or pipe.default_sample_size * scale)
+    width = int(call.get("width") or pipe.default_sample_size * scale)
+    text = int(call.get("max_sequence_length") or _DEFAULT_TEXT_TOKENS[arch.name])
+    if arch.name == "sd3":  # CLIP tokens, then T5 tokens (zeros when there is no T5)
+        text += int(pipe.tokenizer_max_length)
+    return {"height": height, "width": width, "text_tokens": text, "vae_scale_factor": scale}
+
+
+# --- Entry point -----------------------------------------------------------------------------------------
+
+
+def prune_structured(pipe, config: PruneConfig, progress: bool = True) -> dict:
+    """Remove heads and FFN neurons of ``pipe.transformer`` in place (shrinking it); return a JSON-ready report."""
+    config.validate()
+    if config.pattern != "structured":
+        raise ValueError(f"prune_structured needs pattern='structured', got {config.pattern!r}")
+    transformer = pipe.transformer
+    arch = arch_for_transformer(transformer)
+    all_blocks = blocks(transformer, arch)
+    block_range = config.blocks if config.blocks is not None else default_structured_blocks(len(all_blocks))
+    selected = [all_blocks[i] for i in parse_block_range(block_range, len(all_blocks))]
+    head_s, ffn_s = structured_sparsities(config)
+    units = structured_units(selected)
+    plans = [_unit_plan(u, head_s, ffn_s) for u in units]  # refuses impossible counts before any work
+    packages = split_packages(units, config.packages)
+
+    call = call_kwargs(getattr(pipe, "obsdiff_generation", {}))
+    if config.steps is not None:
+        call["num_inference_steps"] = config.steps
+    if config.guidance is not None:
+        call["true_cfg_scale" if "true_cfg_scale" in call else "guidance_scale"] = config.guidance
+    needs_data = config.method == "obs-diff"
+    prompts = []
+    if needs_data:
+        prompts = config.prompts
+        if prompts is None:
+            prompts = default_prompts(pipe, config.num_prompts, config.seed)
+    geometry = mac_geometry(pipe, call)
+
+    def macs() -> int:
+        return linear_macs(transformer, geometry["height"], geometry["width"], geometry["text_tokens"],
+                           geometry["vae_scale_factor"])
+
+    targeted = _targeted_linears(selected)
+    targeted_before = sum(int(lin.weight.numel()) for lin in targeted())
+    params_before, macs_before = count_parameters(transformer), macs()
+    device = next(transformer.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    plan_of = {id(u): p for u, p in zip(units, plans)}
+    layers: dict[str, dict] = {}
+    block_records: dict[str, dict] = {b.name: {} for b in selected}
+    timings = {"calibration_s": 0.0, "solve_s": 0.0}
+    start = time.perf_counter()
+    for p, package in enumerate(tqdm(packages, desc="packages", disable=not progress)):
+        active = [u for u in package if any(plan_of[id(u)].values())]
+        hessians: dict[str, Tensor] = {}
+        if needs_data and active:
+            t0 = time.perf_counter()
+            groups = {name: lin for u in active for name, lin in u.linears().items()}
+            accumulators = calibrate(
+                pipe, arch, groups, prompts, call, weighting=config.effective_weighting,
+                weight_range=tuple(config.weight_range), seed=config.seed, batch_size=config.batch_size,
+                hessian_device=config.hessian_device, progress=progress, desc=f"package {p + 1}/{len(packages)}",
+            )
+            hessians = {name: acc.hessian for name, acc in accumulators.items()}
+            timings["calibration_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for unit in active:
+            plan = plan_of[id(unit)]
+            if unit.kind == "heads":
+                record, unit_layers = _prune_heads(unit, plan["heads"], config.method, hessians, config.damp)
+            else:
+                record, unit_layers = _prune_ffns(unit, plan, config.method, hessians, config.damp)
+                record = {"ffn": record}
+            block_records[unit.block.name].update(record)
+            for name, rec in unit_layers.items():
+                layers.setdefault(name, {})[unit.kind] = rec | {"package": p}
+        hessians.clear()  # free this package's Hessians before the next calibration pass
+        timings["solve_s"] += time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - start
+
+    targeted_after = sum(int(lin.weight.numel()) for lin in targeted())
+    return {
+        "config": asdict(config) | {"prompts": None, "num_prompts": len(prompts)},
+        "calibration_prompts": prompts,
+        "arch": arch.name,
+        "call": call,
+        "blocks": [b.index for b in selected],
+        "num_packages": len(packages),
+        "target_sparsity": {"heads": head_s, "ffn": ffn_s},
+        "achieved_sparsity": 1.0 - targeted_after / max(targeted_before, 1),  # of the targeted linears' weights
+        "targeted_parameters": targeted_before,
+        "transformer_parameters": count_parameters(transformer),
+        "parameters_before": params_before,
+        "parameters_after": count_parameters(transformer),
+        "macs_before": macs_before,
+        "macs_after": macs(),
+        "macs_at": geometry,
+        "structure": transformer_structure(transformer),
+        "block_records": block_records,
+        "layers": layers,
+        "timings": timings,
+        "peak_memory_bytes": _peak_memory_bytes(device),
+        "device": str(device),
+        "versions": versions(),
+    }
+
+
+def _targeted_linears(selected: list[Block]):
+    """A callable listing the q/k/v, out, up and down projections of the selected blocks (re-read after surgery)."""
+
+    def linears() -> list[nn.Linear]:
+        out = []
+        for block in selected:
+            names = list(block.spec.heads.qkv + block.spec.heads.out) if block.spec.heads else []
+            names += [n for f in block.spec.ffns for n in (f.up, f.down)]
+            out += [lin for n in dict.fromkeys(names) if (lin := get_linear(block.module, n)) is not None]
+        return out
+
+    return linears
