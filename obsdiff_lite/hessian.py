@@ -51,14 +51,13 @@ def _layer(name: str) -> str:
 
 @dataclass
 class HessianAccumulator:
-    """Running timestep-weighted mean of 2 x x^T (and weighted sum of x^2) over calibration rows."""
+    """Running timestep-weighted mean of 2 x x^T over calibration rows (its diagonal gives Wanda's norms)."""
 
     in_features: int
     device: torch.device | str = "cpu"
     dtype: torch.dtype = torch.float32
     name: str = ""
     hessian: Tensor = field(init=False, repr=False)
-    act_sq_sum: Tensor = field(init=False, repr=False)
     weight_sum: float = field(init=False, default=0.0)
     num_rows: int = field(init=False, default=0)
 
@@ -71,7 +70,11 @@ class HessianAccumulator:
         self.device = torch.device(self.device)
         d = self.in_features
         self.hessian = torch.zeros(d, d, dtype=self.dtype, device=self.device)
-        self.act_sq_sum = torch.zeros(d, dtype=self.dtype, device=self.device)
+
+    @property
+    def act_sq_sum(self) -> Tensor:
+        """Weighted sum of x_j^2 per input feature: diag(H) * weight_sum / 2 (derived, not stored)."""
+        return torch.diagonal(self.hessian) * (self.weight_sum / 2.0)
 
     def add_batch(self, inputs: Tensor, timestep_weight: float = 1.0, name: str | None = None) -> None:
         """Fold inputs [..., d] into the running mean, every row weighted by timestep_weight."""
@@ -85,22 +88,24 @@ class HessianAccumulator:
         if not math.isfinite(alpha) or alpha < 0:
             raise ValueError(f"timestep_weight must be finite and >= 0, got {timestep_weight}")
         # Compute in the accumulator dtype on the input's device; only [d, d] crosses devices.
-        x = inputs.detach().reshape(-1, self.in_features).to(self.dtype)
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(
-                f"activations{_layer(name)} contain NaN/inf (after casting to {self.dtype}); "
-                "check the model's dtype/overflow or the calibration prompts"
-            )
+        x = inputs.detach().reshape(-1, self.in_features)
+        if x.dtype != self.dtype:
+            x = x.to(self.dtype)
         rows = x.shape[0]
         if rows == 0 or alpha == 0.0:
             return
         new_sum = self.weight_sum + alpha * rows
+        keep, scale = self.weight_sum / new_sum, 2.0 * alpha / new_sum
         with ieee_fp32_matmul(x.device):
-            xs = x * math.sqrt(2.0 * alpha / new_sum)
-            batch_h = (xs.T @ xs).to(self.device)
-        batch_sq = (alpha * (x * x).sum(dim=0)).to(self.device)
-        self.hessian.mul_(self.weight_sum / new_sum).add_(batch_h)
-        self.act_sq_sum.add_(batch_sq)
+            batch = x.T @ x
+        # NaN/inf anywhere in X reaches diag(X^T X): checking d numbers instead of rows * d, and
+        # before touching the state, so a refused batch leaves the accumulator as it was.
+        if not bool(torch.isfinite(torch.diagonal(batch)).all()):
+            raise ValueError(
+                f"activations{_layer(name)} contain NaN/inf (after casting to {self.dtype}); "
+                "check the model's dtype/overflow or the calibration prompts"
+            )
+        self.hessian.mul_(keep).add_(batch.to(self.device), alpha=scale)
         self.weight_sum = new_sum
         self.num_rows += rows
 
@@ -115,7 +120,6 @@ class HessianAccumulator:
             return self
         other_h = other.hessian.to(self.device, self.dtype)
         self.hessian.mul_(self.weight_sum / new_sum).add_(other_h, alpha=other.weight_sum / new_sum)
-        self.act_sq_sum.add_(other.act_sq_sum.to(self.device, self.dtype))
         self.weight_sum = new_sum
         self.num_rows += other.num_rows
         return self
@@ -126,7 +130,6 @@ class HessianAccumulator:
             "in_features": self.in_features,
             "name": self.name,
             "hessian": self.hessian,
-            "act_sq_sum": self.act_sq_sum,
             "weight_sum": self.weight_sum,
             "num_rows": self.num_rows,
         }
@@ -144,7 +147,6 @@ class HessianAccumulator:
             name=state.get("name", ""),
         )
         acc.hessian.copy_(hessian)
-        acc.act_sq_sum.copy_(state["act_sq_sum"])
         acc.weight_sum = float(state["weight_sum"])
         acc.num_rows = int(state["num_rows"])
         return acc

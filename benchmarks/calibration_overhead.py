@@ -1,0 +1,77 @@
+"""Calibration overhead: hooks + timestep-weighted Hessians vs plain pipeline inference, same prompts.
+
+    python benchmarks/calibration_overhead.py --model data/tiny-sd3 --prompts 16 --repeats 3
+
+For each package count G, times (interleaved, medians over repeats) G plain inference passes over the
+calibration prompts and the G calibration passes of `prune` (hooks on, Hessians of that package's
+layers accumulated), excluding the OBS solves. Writes benchmarks/results/calibration_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from obsdiff_lite.arch import arch_for_transformer, blocks  # noqa: E402
+from obsdiff_lite.calibrate import calibrate  # noqa: E402
+from obsdiff_lite.pipelines import call_kwargs, load_pipeline, run_pipeline  # noqa: E402
+from obsdiff_lite.prune import default_prompts, package_units  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "calibration_overhead.json"
+
+
+def measure(model: str, num_prompts: int, packages: list[int], repeats: int, batch_size: int) -> dict:
+    """Median seconds of plain passes and calibration passes for each package count."""
+    pipe = load_pipeline(model)
+    arch = arch_for_transformer(pipe.transformer)
+    call = call_kwargs(pipe.obsdiff_generation)
+    prompts = default_prompts(pipe, num_prompts, 0)
+    out = {}
+    for g in packages:
+        plan = package_units(blocks(pipe.transformer, arch), g)
+        plain, calib = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in plan:
+                run_pipeline(pipe, prompts, 0, call, batch_size, output_type="latent", progress=False)
+            plain.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for package in plan:
+                groups = {t.key: t.linears()[0][1] for unit in package for t in unit}
+                calibrate(pipe, arch, groups, prompts, call, batch_size=batch_size, progress=False)
+            calib.append(time.perf_counter() - t0)
+        p, c = statistics.median(plain), statistics.median(calib)
+        out[str(g)] = {"plain_s": p, "calibration_s": c, "overhead": c / p - 1, "plain_all_s": plain, "calibration_all_s": calib}
+        print(f"{model} G={g}: plain {p:.2f} s, calibration {c:.2f} s, overhead {c / p - 1:+.1%}", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", nargs="+", default=["data/tiny-sd3", "data/tiny-flux"])
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--packages", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = {"command": " ".join(["python benchmarks/calibration_overhead.py", *sys.argv[1:]]),
+               "threads": args.threads, "num_prompts": args.prompts, "models": {}}
+    for model in args.model:
+        results["models"][Path(model).name] = measure(model, args.prompts, args.packages, args.repeats, args.batch_size)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
