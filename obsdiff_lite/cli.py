@@ -53,6 +53,10 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of mean Hessian diagonal")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call during calibration")
     p.add_argument("--hessian-device", default=None, help="keep Hessians here (e.g. cpu) while the model runs on --device")
+    p.add_argument("--calibration", default="exact",
+                   help="exact (the paper: one full trajectory per package) | cached (one trajectory, block-wise)")
+    p.add_argument("--refresh-every", type=int, default=0, help="cached mode: re-run the trajectory every K packages")
+    p.add_argument("--cache-device", default=None, help="cached mode: keep block inputs here (e.g. cpu)")
     _add_model_args(p)
 
 
@@ -70,6 +74,7 @@ def _prune_config(args):
         weight_range=tuple(args.weight_range), packages=args.packages, num_prompts=args.num_prompts,
         prompts=prompts, steps=args.steps, guidance=args.guidance, seed=args.seed, blocks=args.blocks,
         damp=args.damp, batch_size=args.batch_size, hessian_device=args.hessian_device,
+        calibration=args.calibration, refresh_every=args.refresh_every, cache_device=args.cache_device,
     )
 
 

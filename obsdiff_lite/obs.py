@@ -41,8 +41,8 @@ def parse_pattern(pattern: str) -> tuple[str, int, int]:
     match = _PATTERN_RE.match(text)
     if match is None:
         raise ValueError(
-            f"cannot parse sparsity pattern {pattern!r}; expected 'unstructured' or 'N:M' "
-            "(N of every M consecutive weights pruned), e.g. '2:4' or '4:8'"
+            f"cannot parse sparsity pattern {pattern!r}; expected 'unstructured', 'N:M' "
+            "(N of every M consecutive weights pruned, e.g. '2:4' or '4:8') or 'structured' (heads and FFN neurons)"
         )
     n, m = int(match.group(1)), int(match.group(2))
     if not 0 < n < m:

@@ -34,7 +34,8 @@ from .schedules import WEIGHTINGS
 log = logging.getLogger(__name__)
 
 METHODS = ("obs-diff", "sparsegpt", "wanda", "magnitude", "l1-norm")
-STRUCTURED_METHODS = ("obs-diff", "l1-norm")  # pattern "structured": whole heads and FFN neurons
+STRUCTURED_METHODS = ("obs-diff", "l1-norm")
+CALIBRATIONS = ("exact", "cached")  # pattern "structured": whole heads and FFN neurons
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "data" / "prompts"
 
 
@@ -60,6 +61,9 @@ class PruneConfig:
     block_size: int = 128
     batch_size: int = 8
     hessian_device: str | None = None  # e.g. "cpu" to keep Hessians off the GPU
+    calibration: str = "exact"  # exact: the paper's re-run per package | cached: one trajectory (cached.py)
+    refresh_every: int = 0  # cached mode: re-run the trajectory with the current model every K packages
+    cache_device: str | None = None  # cached mode: where block inputs are kept (default: the model's device)
 
     def validate(self) -> None:
         """Refuse impossible settings with one readable line each."""
@@ -98,6 +102,12 @@ class PruneConfig:
 
     def _validate_common(self) -> None:
         """Settings shared by every pattern."""
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"unknown calibration {self.calibration!r}; choose one of {', '.join(CALIBRATIONS)}")
+        if self.calibration == "cached" and self.pattern == "structured":
+            raise ValueError("--calibration cached supports unstructured and N:M patterns; use exact for structured")
+        if self.refresh_every < 0:
+            raise ValueError(f"refresh_every must be >= 0, got {self.refresh_every}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
         lo, hi = self.weight_range
@@ -170,6 +180,16 @@ def package_units(selected: list[Block], num_packages: int) -> list[list[list[Ta
     return [units[bounds[i] : bounds[i + 1]] for i in range(num_packages)]
 
 
+def _groups_by_block(targets: list[Target]) -> list[tuple[Block, dict[str, nn.Linear]]]:
+    """(block, {key: first linear of each input group}) for the blocks ``targets`` touch, in block order."""
+    out: list[tuple[Block, dict[str, nn.Linear]]] = []
+    for t in targets:
+        if not out or out[-1][0].index != t.block.index:
+            out.append((t.block, {}))
+        out[-1][1][t.key] = t.linears()[0][1]
+    return out
+
+
 def _peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -231,27 +251,44 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True) -> dic
     layers: dict[str, dict] = {}
     timings = {"calibration_s": 0.0, "solve_s": 0.0}
     needs_data = config.method != "magnitude"
-    start = time.perf_counter()
-    for p, package in enumerate(tqdm(packages, desc="packages", disable=not progress)):
-        package_targets = [t for unit in package for t in unit]
-        accumulators = {}
-        if needs_data:
-            t0 = time.perf_counter()
-            groups = {t.key: t.linears()[0][1] for t in package_targets}
-            accumulators = calibrate(
-                pipe, arch, groups, prompts, call, weighting=config.effective_weighting,
-                weight_range=tuple(config.weight_range), seed=config.seed, batch_size=config.batch_size,
-                hessian_device=config.hessian_device, progress=progress, desc=f"package {p + 1}/{len(packages)}",
-            )
-            timings["calibration_s"] += time.perf_counter() - t0
+    package_targets = [[t for unit in package for t in unit] for package in packages]
+
+    def prune_package(p: int, accumulators: dict) -> None:
         t0 = time.perf_counter()
-        for t in package_targets:
+        for t in package_targets[p]:
             acc = accumulators.get(t.key)
             for name, linear in t.linears():
                 layers[name] = _prune_linear(linear, name, config, n, m, acc) | {"package": p}
         accumulators.clear()  # free this package's Hessians before the next calibration pass
         timings["solve_s"] += time.perf_counter() - t0
+
+    start = time.perf_counter()
+    cache_stats = None
+    if needs_data and config.calibration == "cached":
+        from .cached import run_cached
+
+        cache_stats = run_cached(
+            pipe, arch, [_groups_by_block(ts) for ts in package_targets], prompts, call, prune_package,
+            weighting=config.effective_weighting, weight_range=tuple(config.weight_range), seed=config.seed,
+            batch_size=config.batch_size, hessian_device=config.hessian_device, cache_device=config.cache_device,
+            refresh_every=config.refresh_every, progress=progress,
+        )
+    else:
+        for p in tqdm(range(len(packages)), desc="packages", disable=not progress):
+            accumulators = {}
+            if needs_data:
+                t0 = time.perf_counter()
+                groups = {t.key: t.linears()[0][1] for t in package_targets[p]}
+                accumulators = calibrate(
+                    pipe, arch, groups, prompts, call, weighting=config.effective_weighting,
+                    weight_range=tuple(config.weight_range), seed=config.seed, batch_size=config.batch_size,
+                    hessian_device=config.hessian_device, progress=progress, desc=f"package {p + 1}/{len(packages)}",
+                )
+                timings["calibration_s"] += time.perf_counter() - t0
+            prune_package(p, accumulators)
     timings["total_s"] = time.perf_counter() - start
+    if cache_stats is not None:
+        timings["calibration_s"] = timings["total_s"] - timings["solve_s"]
 
     pruned = sum(int(linear.weight.numel()) for t in targets for _, linear in t.linears())
     zeros = sum(int((linear.weight == 0).sum()) for t in targets for _, linear in t.linears())
@@ -269,6 +306,7 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True) -> dic
         "layers": layers,
         "timings": timings,
         "peak_memory_bytes": _peak_memory_bytes(device),
+        "cache": cache_stats,
         "device": str(device),
         "versions": versions(),
     }

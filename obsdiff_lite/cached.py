@@ -1,0 +1,142 @@
+"""Cached calibration (beyond the paper): one trajectory pass, then block-wise propagation.
+
+The paper re-runs the whole denoising trajectory over all prompts for every module package, so its
+cost grows with the number of packages. Here (like SparseGPT does for LLMs) the trajectory runs once
+with the dense model; the keyword inputs that enter the first pruned block at every transformer call
+(hidden states of both streams, temb, rotary embeddings — per prompt batch, step and CFG half) are
+cached with their step index. For each package only its blocks run on the cache, collecting the
+timestep-weighted Hessians; the package is pruned; then its now-pruned blocks run once more to carry
+the cache to the next package. All SD3/Flux blocks share one interface,
+``block(hidden_states=, encoder_hidden_states=, temb=, ...) -> (encoder_hidden_states, hidden_states)``,
+so Flux's double- and single-stream blocks need no special case.
+
+The approximation: later packages see block inputs driven by the dense trajectory (x_t of the dense
+model) rather than by the partially pruned one. ``refresh_every=K`` re-runs the trajectory with the
+current model every K packages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import ArchSpec, Block, blocks
+from .calibrate import StepTracker, collect_hessians
+from .hessian import HessianAccumulator
+from .pipelines import run_pipeline
+
+
+@dataclass
+class CachedCall:
+    """The keyword inputs of one block call and the denoising step it belongs to."""
+
+    step_index: int
+    kwargs: dict
+
+    def nbytes(self) -> int:
+        """Bytes held by this record's tensors (shared rotary tensors counted once per record)."""
+        total = 0
+        for value in self.kwargs.values():
+            for t in value if isinstance(value, tuple) else (value,):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+
+
+def _detach(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device)
+    if isinstance(value, tuple):
+        return tuple(_detach(v, device) for v in value)
+    return value
+
+
+def capture_block_inputs(pipe, arch: ArchSpec, block: Block, prompts: list[str], call: dict, seed: int,
+                         batch_size: int, cache_device=None, progress: bool = True) -> list[CachedCall]:
+    """Run the full pipeline once and record every call's keyword inputs to ``block``."""
+    tracker = StepTracker(pipe.scheduler, arch.timestep_scale)
+    cache: list[CachedCall] = []
+    device = torch.device(cache_device) if cache_device else None
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        stored = {k: _detach(v, device or (v.device if isinstance(v, torch.Tensor) else None)) for k, v in kwargs.items()}
+        cache.append(CachedCall(tracker.step_index, stored))
+
+    handles = [pipe.transformer.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True),
+               block.module.register_forward_pre_hook(hook, with_kwargs=True)]
+    try:
+        run_pipeline(pipe, prompts, seed, call, batch_size, output_type="latent", progress=progress, desc="trajectory")
+    finally:
+        for h in handles:
+            h.remove()
+    return cache
+
+
+@torch.no_grad()
+def propagate(cache: list[CachedCall], chain: list[Block], keep: bool = True,
+              on_call: Callable[[CachedCall], None] | None = None) -> list[CachedCall]:
+    """Run each cached call through ``chain`` (consecutive blocks); return the inputs of the next block."""
+    out = []
+    for record in cache:
+        if on_call is not None:
+            on_call(record)
+        kwargs = record.kwargs
+        hidden, encoder = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
+        for block in chain:
+            param = next(block.module.parameters())
+            encoder, hidden = block.module(**(kwargs | {"hidden_states": hidden.to(param.device),
+                                                         "encoder_hidden_states": encoder.to(param.device)}))
+        if keep:
+            out.append(CachedCall(record.step_index, kwargs | {"hidden_states": hidden.to(kwargs["hidden_states"].device),
+                                                              "encoder_hidden_states": encoder.to(kwargs["hidden_states"].device)}))
+    return out
+
+
+def cache_nbytes(cache: list[CachedCall]) -> int:
+    """Total bytes of a block-input cache (what a real model's cache will cost; print it up front)."""
+    return sum(r.nbytes() for r in cache)
+
+
+def run_cached(pipe, arch: ArchSpec, packages: list[list[tuple[Block, dict[str, nn.Linear]]]], prompts: list[str],
+               call: dict, prune_package: Callable[[int, dict[str, HessianAccumulator]], None], *,
+               weighting: str, weight_range: tuple[float, float], seed: int, batch_size: int,
+               hessian_device=None, cache_device=None, refresh_every: int = 0, progress: bool = True) -> dict:
+    """Calibrate and prune package by package on cached block inputs; return cache/pass statistics.
+
+    ``packages[p]`` lists (block, {key: first linear of an input group}) for the blocks that package p
+    touches, in block order; ``prune_package(p, accumulators)`` prunes package p in place.
+    """
+    all_blocks = blocks(pipe.transformer, arch)
+    tracker = StepTracker(pipe.scheduler, arch.timestep_scale, weighting, weight_range)
+    first = packages[0][0][0]
+    cache = capture_block_inputs(pipe, arch, first, prompts, call, seed, batch_size, cache_device, progress)
+    cache_block = first.index  # the cache holds the inputs of this block
+    stats = {"trajectory_passes": 1, "cache_bytes": cache_nbytes(cache), "cache_calls": len(cache)}
+    for p, package in enumerate(tqdm(packages, desc="packages (cached)", disable=not progress)):
+        if refresh_every and p and p % refresh_every == 0:
+            cache = capture_block_inputs(pipe, arch, all_blocks[cache_block], prompts, call, seed, batch_size,
+                                         cache_device, progress)
+            stats["trajectory_passes"] += 1
+        start, end = package[0][0].index, package[-1][0].index
+        if start != cache_block:  # carry the cache forward through blocks pruned by earlier packages
+            cache = propagate(cache, all_blocks[cache_block:start])
+            cache_block = start
+        groups = {k: lin for _, g in package for k, lin in g.items()}
+        tracker.weights = None
+        with collect_hessians(pipe.transformer, arch, groups, tracker, hessian_device) as accumulators:
+            # The transformer itself is not called here: the step index comes from the cache instead.
+            propagate(cache, all_blocks[start : end + 1], keep=False, on_call=lambda r: _set_step(tracker, r))
+            prune_package(p, accumulators)
+    return stats
+
+
+def _set_step(tracker: StepTracker, record: CachedCall) -> None:
+    tracker.step_index = record.step_index
+    if tracker.weights is None:
+        from .schedules import timestep_weights
+
+        tracker.weights = timestep_weights(tracker.weighting, len(tracker.scheduler.timesteps), *tracker.weight_range)
