@@ -199,7 +199,7 @@ FULL_SIZE_CONFIGS: dict[str, tuple[str, dict]] = {
 }
 
 
-def build_full_size_transformer(name: str, device: str | None = "meta", dtype=None):
+def build_full_size_transformer(name: str, device: str | None = "meta", dtype=None, overrides: dict | None = None):
     """A random-init (or, on the meta device, storage-free) full-size transformer of a known config."""
     import diffusers
     import torch
@@ -207,6 +207,7 @@ def build_full_size_transformer(name: str, device: str | None = "meta", dtype=No
     if name not in FULL_SIZE_CONFIGS:
         raise ValueError(f"unknown full-size config {name!r}; choose one of {', '.join(FULL_SIZE_CONFIGS)}")
     class_name, config = FULL_SIZE_CONFIGS[name]
+    config = dict(config, **(overrides or {}))
     with torch.device(device or "cpu"):
         model = getattr(diffusers, class_name)(**config)
     return model.to(dtype) if dtype is not None else model
