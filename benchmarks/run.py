@@ -1,0 +1,204 @@
+"""The paper's claims, rerun on the tiny world with error bars.
+
+    python benchmarks/run.py quality   --shard 0/2 &  python benchmarks/run.py quality --shard 1/2
+    python benchmarks/run.py weighting
+    python benchmarks/run.py packages
+    python benchmarks/run.py structured
+    python benchmarks/run.py summarize             # -> benchmarks/results/*.json, *.csv, *.png
+
+Every (experiment, model, method, pattern, setting, seed) is one run: prune a fresh copy of the model
+with that calibration seed (which picks the calibration prompts and generator seeds), then score it
+on fixed, separate ShapeBench evaluation prompts against the dense model's images. Each run appends
+one JSON line to benchmarks/results/raw/EXPERIMENT.jsonl; finished runs are skipped on restart, so a
+long sweep can be interrupted and resumed, and split over processes with --shard i/n.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from obsdiff_lite.evaluate import sample_shapebench  # noqa: E402
+from obsdiff_lite.pipelines import load_pipeline  # noqa: E402
+from obsdiff_lite.prune import PruneConfig, prune  # noqa: E402
+from obsdiff_lite.schedules import WEIGHTINGS  # noqa: E402
+from obsdiff_lite.shapes.bench import evaluate  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+RAW = RESULTS / "raw"
+MODELS = ("tiny-sd3", "tiny-flux")
+EVAL_PROMPTS, EVAL_SEED = 240, 0  # one full pass over the 240 combinations; seeds < 10_000 (calibration uses 10_000+)
+CALIB_PROMPTS = 16
+
+
+def experiment_runs(name: str) -> list[dict]:
+    """The list of run specifications of an experiment (model, config overrides, seed)."""
+    runs = []
+    if name == "quality":  # Table 1 analog
+        for model in MODELS:
+            for pattern, sparsity in [("unstructured", s) for s in (0.3, 0.5, 0.6, 0.7)] + [("2:4", None), ("4:8", None)]:
+                for method in ("magnitude", "wanda", "sparsegpt", "obs-diff"):
+                    seeds = (0,) if method == "magnitude" else (0, 1, 2)  # magnitude uses no calibration data
+                    runs += [dict(model=model, method=method, pattern=pattern, sparsity=sparsity, seed=s) for s in seeds]
+    elif name == "weighting":  # Table 6 analog
+        for sparsity in (0.5, 0.6):
+            for weighting in WEIGHTINGS:
+                runs += [dict(model="tiny-sd3", method="obs-diff", weighting=weighting, sparsity=sparsity, seed=s)
+                         for s in range(5)]
+    elif name == "packages":  # Table 7 analog, with the cached mode of issue 8
+        for model, all_units in (("tiny-sd3", 24), ("tiny-flux", 16)):
+            for g in (1, 2, 4, 8, all_units):
+                runs += [dict(model=model, packages=g, sparsity=0.6, calibration="exact", seed=s) for s in range(3)]
+                runs += [dict(model=model, packages=g, sparsity=0.6, calibration="cached", seed=s) for s in range(3)]
+    elif name == "calibration_size":  # Fig. 3 analog
+        for n in (2, 4, 8, 16, 32, 64):
+            runs += [dict(model="tiny-sd3", num_prompts=n, sparsity=0.6, seed=s) for s in range(3)]
+    elif name == "structured":  # Tables 4/9 analog
+        for model in MODELS:
+            for sparsity in (0.1, 0.2, 0.3, 0.4):
+                for method in ("l1-norm", "obs-diff"):
+                    seeds = (0,) if method == "l1-norm" else (0, 1, 2)
+                    runs += [dict(model=model, method=method, pattern="structured", sparsity=sparsity, seed=s,
+                                  packages=2) for s in seeds]
+    else:
+        raise SystemExit(f"unknown experiment {name!r}")
+    return runs
+
+
+def run_key(run: dict) -> str:
+    """A stable identity for a run (used to skip finished ones)."""
+    return json.dumps(run, sort_keys=True)
+
+
+_DENSE: dict[str, tuple] = {}
+
+
+def dense_reference(model: str):
+    """Dense ShapeBench images and scores of a model (computed once per process)."""
+    if model not in _DENSE:
+        pipe = load_pipeline(ROOT / "data" / model)
+        specs, images = sample_shapebench(pipe, EVAL_PROMPTS, EVAL_SEED, progress=False)
+        _DENSE[model] = (specs, images, evaluate(images, specs))
+    return _DENSE[model]
+
+
+def execute(run: dict) -> dict:
+    """Prune a fresh copy with the run's settings and score it; returns the run plus its measurements."""
+    specs, dense_images, _ = dense_reference(run["model"])
+    settings = {k: v for k, v in run.items() if k not in ("model",)}
+    config = PruneConfig(**({"num_prompts": CALIB_PROMPTS} | settings))
+    pipe = load_pipeline(ROOT / "data" / run["model"])
+    t0 = time.perf_counter()
+    report = prune(pipe, config, progress=False)
+    wall = time.perf_counter() - t0
+    _, images = sample_shapebench(pipe, EVAL_PROMPTS, EVAL_SEED, progress=False)
+    scores = evaluate(images, specs, reference=dense_images)
+    extra = {k: report[k] for k in ("parameters_before", "parameters_after", "macs_before", "macs_after") if k in report}
+    return {"run": run, "scores": scores, "prune_wall_s": wall, "timings": report["timings"],
+            "peak_memory_bytes": report["peak_memory_bytes"], "achieved_sparsity": report["achieved_sparsity"],
+            "cache": report.get("cache"), **extra}
+
+
+def sweep(name: str, shard: tuple[int, int]) -> None:
+    """Run every not-yet-finished run of this shard, appending results as they complete."""
+    RAW.mkdir(parents=True, exist_ok=True)
+    path = RAW / f"{name}.jsonl"
+    done = {run_key(json.loads(line)["run"]) for line in path.read_text().splitlines()} if path.exists() else set()
+    runs = [r for i, r in enumerate(experiment_runs(name)) if i % shard[1] == shard[0]]
+    todo = [r for r in runs if run_key(r) not in done]
+    print(f"{name}: {len(runs) - len(todo)} of {len(runs)} runs already done in shard {shard[0]}/{shard[1]}", flush=True)
+    for i, run in enumerate(todo):
+        result = execute(run)
+        with path.open("a") as f:  # one line per run: appends from two shards never interleave within a line
+            f.write(json.dumps(result) + "\n")
+        print(f"[{i + 1}/{len(todo)}] {run} -> full {result['scores']['full']:.3f} ({result['prune_wall_s']:.1f} s)", flush=True)
+
+
+def mean_ci(values: list[float]) -> dict:
+    """Mean and 95% t-interval half-width (0 for one value)."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return {"mean": mean, "ci95": 0.0, "n": n, "values": values}
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, n - 1) * statistics.stdev(values) / math.sqrt(n)
+    return {"mean": mean, "ci95": half, "n": n, "values": values}
+
+
+def summarize() -> None:
+    """Aggregate raw runs into per-setting means and 95% intervals (JSON + CSV) for every experiment."""
+    for path in sorted(RAW.glob("*.jsonl")):
+        name = path.stem
+        groups: dict[str, list[dict]] = {}
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            setting = {k: v for k, v in r["run"].items() if k != "seed"}
+            groups.setdefault(json.dumps(setting, sort_keys=True), []).append(r)
+        rows = []
+        for key, results in groups.items():
+            row = {"setting": json.loads(key), "seeds": sorted(r["run"]["seed"] for r in results)}
+            for metric in ("full", "shape", "color", "position", "size", "fd", "psnr", "ssim"):
+                vals = [r["scores"][metric] for r in results if metric in r["scores"]]
+                if vals:
+                    row[metric] = mean_ci(vals)
+            for metric in ("prune_wall_s", "peak_memory_bytes", "achieved_sparsity", "parameters_after", "macs_after",
+                           "parameters_before", "macs_before"):
+                vals = [r[metric] for r in results if r.get(metric) is not None]
+                if vals:
+                    row[metric] = mean_ci(vals)
+            rows.append(row)
+        dense = {m: _dense_scores(m) for m in MODELS if (ROOT / "data" / m).exists()}
+        (RESULTS / f"{name}.json").write_text(json.dumps({"experiment": name, "eval_prompts": EVAL_PROMPTS,
+                                                         "eval_seed": EVAL_SEED, "calibration_prompts": CALIB_PROMPTS,
+                                                         "command": f"python benchmarks/run.py {name}",
+                                                         "dense": dense, "rows": rows}, indent=2) + "\n")
+        with (RESULTS / f"{name}.csv").open("w") as f:
+            keys = sorted({k for r in rows for k in r["setting"]})
+            metrics = ["full", "fd", "psnr", "prune_wall_s"]
+            f.write(",".join(keys + [f"{m}_{s}" for m in metrics for s in ("mean", "ci95")] + ["n"]) + "\n")
+            for r in rows:
+                cells = [str(r["setting"].get(k, "")) for k in keys]
+                for m in metrics:
+                    cells += [f"{r[m]['mean']:.6g}", f"{r[m]['ci95']:.6g}"] if m in r else ["", ""]
+                f.write(",".join(cells + [str(len(r["seeds"]))]) + "\n")
+        print(f"summarized {name}: {len(rows)} settings")
+
+
+def _dense_scores(model: str) -> dict:
+    path = RESULTS / "dense_reference.json"
+    cache = json.loads(path.read_text()) if path.exists() else {}
+    key = f"{model}:{EVAL_PROMPTS}:{EVAL_SEED}"
+    if key not in cache:
+        cache[key] = dense_reference(model)[2]
+        path.write_text(json.dumps(cache, indent=2) + "\n")
+    return cache[key]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", choices=["quality", "weighting", "packages", "calibration_size", "structured", "summarize"])
+    parser.add_argument("--shard", default="0/1", help="i/n: run every n-th run starting at i")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.experiment == "summarize":
+        summarize()
+        return
+    i, n = (int(x) for x in args.shard.split("/"))
+    sweep(args.experiment, (i, n))
+
+
+if __name__ == "__main__":
+    main()
