@@ -124,6 +124,7 @@ def train_transformer(
     num_images: int = 30_000,
     seed: int = 0,
     checkpoint_minutes: float = 5.0,
+    resume: Path | None = None,
 ):
     """Train the tiny transformer of ``arch`` for a wall-clock budget; save the pipeline with EMA weights."""
     from diffusers import AutoencoderKL
@@ -131,6 +132,11 @@ def train_transformer(
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()
     pipe = build_pipeline(arch, vae=vae, seed=seed)
+    if resume is not None:  # continue from a saved pipeline's (EMA) transformer, with a fresh optimizer
+        from safetensors.torch import load_file
+
+        pipe.transformer.load_state_dict(load_file(Path(resume) / "transformer" / "diffusion_pytorch_model.safetensors"))
+        previous = json.loads((Path(resume) / "training.json").read_text())
     model = pipe.transformer.train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     cond = _caption_embeddings(pipe, arch)
@@ -178,7 +184,10 @@ def train_transformer(
             if time.time() - last_ckpt > checkpoint_minutes * 60:
                 _save(pipe, ema, arch, out, {"steps": step, "minutes": elapsed / 60, "partial": True})
                 last_ckpt = time.time()
-    _save(pipe, ema, arch, out, {"steps": step, "minutes": (time.time() - start) / 60, "partial": False,
+    done_steps = step + (previous["steps"] if resume is not None else 0)
+    done_minutes = (time.time() - start) / 60 + (previous["minutes"] if resume is not None else 0)
+    _save(pipe, ema, arch, out, {"steps": done_steps, "minutes": done_minutes, "partial": False,
+                                  "resumed_from": str(resume) if resume is not None else None,
                                   "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
                                   "caption_dropout": caption_dropout, "num_images": num_images, "seed": seed})
     return pipe
@@ -202,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=40.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--resume", type=Path, help="continue from this saved pipeline's transformer weights")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.what == "vae":
@@ -209,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if args.vae is None:
             parser.error("--vae DIR is required to train a transformer")
-        train_transformer(args.what, args.vae, args.out, minutes=args.minutes, seed=args.seed)
+        train_transformer(args.what, args.vae, args.out, minutes=args.minutes, seed=args.seed, lr=args.lr,
+                          resume=args.resume)
 
 
 if __name__ == "__main__":
