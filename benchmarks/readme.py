@@ -181,7 +181,24 @@ def render_overhead() -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"tiny_world": render_tiny_world, "demo": render_demo, "quality": render_quality,
+def render_speed() -> str:
+    """Measured end-to-end CPU sampling speedups of structurally pruned tiny models."""
+    data = _load("speed")
+    if not data:
+        return "_not measured yet: run `python benchmarks/speed.py`_"
+    lines = ["| model | variant | params | linear MACs | median time per batch (ms) | speedup |", "|---|---|---|---|---|---|"]
+    for model, variants in data["models"].items():
+        for name, r in variants.items():
+            params = f"{r['parameters_after'] / 1e3:.0f}k" if "parameters_after" in r else "–"
+            macs = f"{r['macs_after'] / 1e6:.1f}M" if "macs_after" in r else "–"
+            lines.append(f"| {model} | {name} | {params} | {macs} | {r['median_s'] * 1e3:.0f} | {r['speedup']:.2f}x |")
+    lines.append("")
+    lines.append(f"Full sampling calls (denoising loop with CFG and VAE decode), batch {data['batch']}, "
+                 f"{data['threads']} CPU thread, median of {data['repeats']} interleaved repeats; `{data['command']}`.")
+    return "\n".join(lines)
+
+
+RENDERERS = {"speed": render_speed, "tiny_world": render_tiny_world, "demo": render_demo, "quality": render_quality,
              "weighting": render_weighting, "packages": render_packages, "structured": render_structured,
              "overhead": render_overhead}
 BLOCK = re.compile(r"(<!-- results:(\w+) -->\n)(.*?)(<!-- /results:\2 -->)", re.S)
