@@ -148,6 +148,7 @@ def summarize() -> None:
             groups.setdefault(json.dumps(setting, sort_keys=True), []).append(r)
         rows = []
         for key, results in groups.items():
+            results.sort(key=lambda r: r["run"]["seed"])  # values line up by seed across settings (paired tests)
             row = {"setting": json.loads(key), "seeds": sorted(r["run"]["seed"] for r in results)}
             for metric in ("full", "shape", "color", "position", "size", "fd", "psnr", "ssim"):
                 vals = [r["scores"][metric] for r in results if metric in r["scores"]]
