@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec
+from .distributed import allreduce_accumulators, rank_and_world, shard
 from .hessian import HessianAccumulator
 from .pipelines import run_pipeline
 from .schedules import timestep_weights
@@ -86,13 +87,22 @@ def calibrate(pipe, arch: ArchSpec, groups: dict[str, nn.Linear], prompts: list[
               weighting: str = "log-decrease", weight_range: tuple[float, float] = (0.8, 1.2), seed: int = 0,
               batch_size: int = 8, hessian_device=None, progress: bool = True, desc: str = "calibrating"
               ) -> dict[str, HessianAccumulator]:
-    """One calibration pass of the full pipeline over ``prompts``: timestep-weighted Hessians per input group."""
+    """One calibration pass of the full pipeline over ``prompts``: timestep-weighted Hessians per input group.
+
+    Under torch.distributed (world > 1) each rank runs only its shard of the prompts (global seeds
+    kept) and the accumulators are all-reduced, so every rank returns the Hessians of all prompts.
+    """
+    rank, world = rank_and_world()
+    indexed = shard(prompts, rank, world) if world > 1 else list(enumerate(prompts))
     tracker = StepTracker(pipe.scheduler, arch.timestep_scale, weighting, weight_range)
     with collect_hessians(pipe.transformer, arch, groups, tracker, hessian_device) as accumulators:
         # The latents are all we need: skipping the VAE decode saves time and changes nothing upstream.
-        run_pipeline(pipe, prompts, seed, call, batch_size, output_type="latent", progress=progress, desc=desc)
+        run_pipeline(pipe, [p for _, p in indexed], seed, call, batch_size, output_type="latent", progress=progress,
+                     desc=desc, seeds=[seed + i for i, _ in indexed])
+    if world > 1:
+        allreduce_accumulators(accumulators)
     expected = int(call.get("num_inference_steps", len(pipe.scheduler.timesteps)))
-    if len(tracker.steps_seen) != expected:
+    if indexed and len(tracker.steps_seen) != expected:
         raise RuntimeError(
             f"calibration saw {len(tracker.steps_seen)} distinct denoising steps, expected {expected}: "
             "the timestep-to-step mapping is off for this scheduler"

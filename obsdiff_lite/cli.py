@@ -1,8 +1,10 @@
 """The ``obsdiff`` command line: prune, eval, demo.
 
     obsdiff prune data/tiny-sd3 --output runs/sd3-50 --sparsity 0.5
+    obsdiff plan sd3-medium --packages 4 --batch-size 4 --dtype float16 --device cuda
     obsdiff eval runs/sd3-50 --reference data/tiny-sd3 --grid runs/sd3-50.png
     obsdiff demo
+    torchrun --nproc_per_node 8 -m obsdiff_lite prune MODEL --output OUT --device cuda   (data-parallel)
 
 Bad input ends with one readable line and exit status 2, never a traceback.
 """
@@ -79,7 +81,8 @@ def _prune_config(args):
 
 
 def cmd_prune(args) -> int:
-    """Prune MODEL and write a complete pipeline directory plus obsdiff.json."""
+    """Prune MODEL and write a complete pipeline directory plus obsdiff.json (under torchrun: rank 0 writes)."""
+    from .distributed import init_from_env, shutdown
     from .pipelines import load_pipeline, resolve_device, resolve_dtype
     from .prune import prune
     from .surgery import check_output_dir, save_pipeline, terminate_as_interrupt
@@ -89,12 +92,19 @@ def cmd_prune(args) -> int:
     resolve_device(args.device), resolve_dtype(args.dtype)
     check_output_dir(args.output, args.overwrite)
     with terminate_as_interrupt():
-        pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
-        report = prune(pipe, config)
-        report["model"] = str(args.model)
-        generation = getattr(pipe, "obsdiff_generation", {})
-        extra = {"generation.json": json.dumps(generation, indent=2) + "\n"} if generation else {}
-        save_pipeline(pipe, args.output, report, overwrite=args.overwrite, extra_files=extra)
+        dist = init_from_env(args.device)  # no-op outside torchrun
+        try:
+            pipe = load_pipeline(args.model, device=dist.device, dtype=args.dtype)
+            report = prune(pipe, config, progress=dist.is_main, check_memory=not args.skip_memory_check)
+            report["model"], report["dtype"] = str(args.model), args.dtype
+            generation = getattr(pipe, "obsdiff_generation", {})
+            extra = {"generation.json": json.dumps(generation, indent=2) + "\n"} if generation else {}
+            if dist.is_main:
+                save_pipeline(pipe, args.output, report, overwrite=args.overwrite, extra_files=extra)
+        finally:
+            shutdown()
+    if not dist.is_main:
+        return 0
     t = report["timings"]
     if "structure" in report:
         print(
@@ -108,6 +118,44 @@ def cmd_prune(args) -> int:
         f"{report['achieved_sparsity']:.1%} of {report['targeted_parameters']:,} targeted weights) in "
         f"{t['total_s']:.1f} s (calibration {t['calibration_s']:.1f} s, solve {t['solve_s']:.1f} s) -> {args.output}"
     )
+    return 0
+
+
+def _plan_device(text: str) -> str:
+    """A device name for planning (need not exist on this machine)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"unsupported device {text!r}; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {text!r}; use cpu, cuda or cuda:N")
+    return str(device)
+
+
+def cmd_plan(args) -> int:
+    """Print the memory plan of a prune run (no weights loaded; MODEL may be a full-size name)."""
+    import torch
+
+    from .pipelines import resolve_dtype
+    from .plan import available_memory, format_bytes, plan_for
+
+    config = _prune_config(args)
+    config.validate()
+    device, dtype = _plan_device(args.device), resolve_dtype(args.dtype)
+    for name, value in (("--height", args.height), ("--width", args.width), ("--text-tokens", args.text_tokens)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    plan = plan_for(args.model, config, device=device, dtype=dtype, batch_size=args.batch_size, height=args.height,
+                    width=args.width, text_tokens=args.text_tokens)
+    print(plan.table())
+    local = torch.device(device).type == "cpu" or (torch.device(device).type == "cuda" and torch.cuda.is_available())
+    if local and (free := available_memory(device)) is not None:
+        verdict = "fits" if plan.peak_bytes() <= free else "does NOT fit"
+        print(f"free memory on this machine's {device}: {format_bytes(free)} -> {verdict}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
     return 0
 
 
@@ -139,7 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune_args(p)
     p.add_argument("--output", type=Path, required=True, help="output pipeline directory")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="do not refuse a run whose memory plan (obsdiff plan) exceeds the free memory")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("plan", help="estimate the memory a prune run needs, per module package (runs nothing)")
+    _add_prune_args(p)
+    p.add_argument("--height", type=int, default=None,
+                   help="image height in pixels (default: generation.json; full-size names: 512)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: as --height)")
+    p.add_argument("--text-tokens", type=int, default=None, help="text tokens per sample (default: the pipeline's)")
+    p.add_argument("--json", type=Path, help="also write the plan to this JSON file")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("eval", help="score a (tiny-world) pipeline with ShapeBench")
     p.add_argument("model")
@@ -166,6 +225,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="obsdiff: %(levelname)s: %(message)s")
+    try:
+        return _run(args)
+    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM (surgery.terminate_as_interrupt), also while importing
+        output = getattr(exc, "output", None)  # surgery.OutputCompleteInterrupt: it came after the commit
+        print(f"obsdiff: interrupted after {output} was completely written" if output is not None
+              else "obsdiff: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
     import torch
 
     try:
@@ -174,12 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"obsdiff: error: {exc}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:
-        print("obsdiff: error: out of memory; use more --packages, --hessian-device cpu, a lower --dtype or fewer --num-prompts",
-              file=sys.stderr)
+        print("obsdiff: error: out of memory; run `obsdiff plan` with the same options, then use more --packages, "
+              "--hessian-device cpu, a lower --dtype or fewer --num-prompts", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
-        print("obsdiff: interrupted; nothing was written", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

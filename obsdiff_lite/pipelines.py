@@ -118,13 +118,22 @@ def call_kwargs(config: dict) -> dict:
 
 
 def run_pipeline(pipe, prompts: list[str], seed: int, call: dict, batch_size: int = 16,
-                 output_type: str = "np", progress: bool = True, desc: str = "sampling"):
-    """Run ``pipe`` over prompts in batches; prompt i always uses generator seed ``seed + i``."""
+                 output_type: str = "np", progress: bool = True, desc: str = "sampling",
+                 seeds: list[int] | None = None):
+    """Run ``pipe`` over prompts in batches; prompt i uses generator seed ``seeds[i]`` (default ``seed + i``).
+
+    Explicit ``seeds`` let a shard of a prompt list keep the seeds of the prompts' global indices
+    (data-parallel calibration, ``distributed.shard``).
+    """
+    if seeds is None:
+        seeds = [seed + i for i in range(len(prompts))]
+    elif len(seeds) != len(prompts):
+        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
     device = pipe._execution_device
     outputs = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
         batch = prompts[start : start + batch_size]
-        generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(batch))]
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start : start + batch_size]]
         with torch.no_grad():
             result = pipe(prompt=batch, generator=generators, output_type=output_type, **call)
         outputs.append(result.images)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .arch import Block, arch_for_transformer, block_units, blocks, get_linear, parse_block_range
 from .baselines import magnitude_prune, wanda_prune
 from .calibrate import calibrate
+from .distributed import all_equal, broadcast_module_, rank_and_world
 from .hessian import wanda_input_norm
 from .obs import check_sparsity_args, parse_pattern, sparsify_weight
 from .pipelines import call_kwargs
@@ -218,14 +219,31 @@ def _prune_linear(linear: nn.Linear, name: str, config: PruneConfig, n: int, m: 
     return record
 
 
-def prune(pipe, config: PruneConfig | None = None, progress: bool = True) -> dict:
-    """Prune ``pipe.transformer`` in place; return a JSON-ready report (settings, per-layer stats, timings)."""
+def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_memory: bool = True) -> dict:
+    """Prune ``pipe.transformer`` in place; return a JSON-ready report (settings, per-layer stats, timings).
+
+    ``check_memory``: refuse (ValueError) before calibrating when the memory plan (``plan.py``) exceeds
+    the free memory. Under torch.distributed every rank calls this; calibration is sharded across the
+    ranks and rank 0's pruned weights are broadcast after each package (``distributed.py``).
+    """
     config = config or PruneConfig()
     config.validate()
+    world = rank_and_world()[1]
+    if world > 1 and config.calibration == "cached":
+        raise ValueError("--calibration cached is not sharded across ranks; run it in one process or use exact")
+    if check_memory:
+        from .plan import check_memory as check
+
+        check(pipe, config)
     if config.pattern == "structured":
         from .structured import prune_structured
 
-        return prune_structured(pipe, config, progress=progress)
+        report = prune_structured(pipe, config, progress=progress)
+        if world > 1:  # every rank solved on the same all-reduced Hessians: same structure, rank 0's weights
+            if not all_equal(report["structure"]):
+                raise RuntimeError("ranks disagree on the pruned structure; the solves were not deterministic")
+            broadcast_module_(pipe.transformer)
+        return report | {"world_size": world}
     transformer = pipe.transformer
     arch = arch_for_transformer(transformer)
     all_blocks = blocks(transformer, arch)
@@ -259,6 +277,7 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True) -> dic
             acc = accumulators.get(t.key)
             for name, linear in t.linears():
                 layers[name] = _prune_linear(linear, name, config, n, m, acc) | {"package": p}
+                broadcast_module_(linear)  # no-op in one process; ranks stay identical under torchrun
         accumulators.clear()  # free this package's Hessians before the next calibration pass
         timings["solve_s"] += time.perf_counter() - t0
 
@@ -308,6 +327,7 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True) -> dic
         "peak_memory_bytes": _peak_memory_bytes(device),
         "cache": cache_stats,
         "device": str(device),
+        "world_size": world,
         "versions": versions(),
     }
 

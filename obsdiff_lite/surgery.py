@@ -50,6 +50,27 @@ def terminate_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def deferred_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)):
+    """Within the block, SIGINT/SIGTERM are only recorded; on leaving it they are re-raised (same handlers).
+
+    For the few steps that must not be cut in half: the commit rename and the cleanup of a partial output.
+    """
+    pending: list[int] = []
+    try:
+        previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in signums}
+    except ValueError:  # not the main thread: signals cannot reach us here anyway
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)  # the restored handler runs now (KeyboardInterrupt, or the default action)
+
+
 def _json_default(value):
     if isinstance(value, Path):
         return str(value)
@@ -60,22 +81,61 @@ def _json_default(value):
 
 def save_pipeline(pipe, output: str | Path, report: dict, overwrite: bool = False,
                   extra_files: dict[str, str] | None = None) -> Path:
-    """Atomically write ``pipe`` (safetensors) plus ``obsdiff.json`` (and extra text files) to ``output``."""
+    """Atomically write ``pipe`` (safetensors) plus ``obsdiff.json`` (and extra text files) to ``output``.
+
+    SIGTERM is an interrupt while saving (as SIGINT is), so an interrupted save removes its temporary
+    directory; the commit (rename into place) and that cleanup are not interruptible. An interrupt that
+    arrives during the commit surfaces after it as ``OutputCompleteInterrupt``: the output is complete.
+    """
     output = check_output_dir(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        (tmp / "obsdiff.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    tmp: Path | None = None
+    committed = False
+    with terminate_as_interrupt():
+        try:
+            with deferred_signals():
+                tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
+            (tmp / "obsdiff.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+            with deferred_signals():
+                old = None
+                if output.exists():  # --overwrite: move the old output aside first, delete it after the commit
+                    old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+                    output.rename(old / output.name)
+                try:
+                    tmp.rename(output)
+                except OSError:
+                    if old is not None:  # put the old output back
+                        (old / output.name).rename(output)
+                        old.rmdir()
+                    raise
+                committed = True
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
+        except BaseException as exc:
+            if not committed:
+                _remove_partial(tmp)
+            elif isinstance(exc, KeyboardInterrupt):  # deferred past the commit: the output is complete
+                raise OutputCompleteInterrupt(output) from exc
+            raise
     return output
+
+
+class OutputCompleteInterrupt(KeyboardInterrupt):
+    """An interrupt that arrived while a complete output was being committed: ``output`` is complete."""
+
+    def __init__(self, output: Path):
+        super().__init__(f"interrupted after {output} was completely written")
+        self.output = output
+
+
+def _remove_partial(tmp: Path | None) -> None:
+    """Remove a partial output directory; a second interrupt waits until it is gone."""
+    if tmp is not None:
+        with deferred_signals():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- Structural surgery: physically remove attention heads and FFN neurons -------------------------
