@@ -1,0 +1,48 @@
+"""The shipped tiny pipelines: load with plain diffusers, small, and good enough to make pruning measurable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from obsdiff_lite.evaluate import sample_shapebench
+from obsdiff_lite.pipelines import load_pipeline
+from obsdiff_lite.shapes.bench import adherence
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_loads_with_plain_diffusers_and_generates(name):
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    path = DATA / name
+    if name == "tiny-sd3":
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
+    else:
+        pipe = FluxPipeline.from_pretrained(path)
+    call = {k: v for k, v in json.loads((path / "generation.json").read_text()).items() if not k.startswith("_")}
+    images = pipe("a large red circle at the top left", generator=torch.Generator().manual_seed(0),
+                  output_type="np", **call).images
+    assert images.shape == (1, 32, 32, 3)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size <= 15 * 2**20, f"{name} is {size / 2**20:.1f} MB"
+    assert (path / "README.md").is_file() and (path / "training.json").is_file()
+    assert json.loads((path / "training.json").read_text())["partial"] is False
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_quality_bar_on_fresh_prompts(name):
+    """The model card's 500-prompt bar is >= 0.90; 48 other prompts must not fall below 0.85."""
+    pipe = load_pipeline(DATA / name)
+    specs, images = sample_shapebench(pipe, 48, seed=123, progress=False)
+    assert adherence(images, specs)["full"] >= 0.85
+    measured = json.loads((RESULTS / "tiny_world.json").read_text())[name]
+    assert measured["dense"]["full"] >= 0.90 and measured["num_prompts"] >= 500
+    # The sensitivity requirement: 50% magnitude pruning costs at least 10 points of adherence.
+    assert measured["dense"]["full"] - measured["curves"]["magnitude"]["0.50"]["full"] >= 0.10
+    assert f"{measured['dense']['full']:.3f}" in (DATA / name / "README.md").read_text()
