@@ -97,10 +97,8 @@ def cmd_prune(args) -> int:
             pipe = load_pipeline(args.model, device=dist.device, dtype=args.dtype)
             report = prune(pipe, config, progress=dist.is_main, check_memory=not args.skip_memory_check)
             report["model"], report["dtype"] = str(args.model), args.dtype
-            generation = getattr(pipe, "obsdiff_generation", {})
-            extra = {"generation.json": json.dumps(generation, indent=2) + "\n"} if generation else {}
             if dist.is_main:
-                save_pipeline(pipe, args.output, report, overwrite=args.overwrite, extra_files=extra)
+                save_pipeline(pipe, args.output, report, overwrite=args.overwrite)
         finally:
             shutdown()
     if not dist.is_main:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .arch import ArchSpec, arch_for_transformer, block_units, blocks, get_linear
 from .calibrate import StepTracker
 from .hessian import HessianAccumulator
-from .pipelines import call_kwargs, run_pipeline
+from .pipelines import resolve_call, run_pipeline
 from .schedules import timestep_weights
 
 if TYPE_CHECKING:
@@ -133,12 +133,7 @@ def format_summary(summary: dict[str, object]) -> str:
 
 def pipeline_call(pipe, steps: int | None = None, guidance: float | None = None) -> dict:
     """The model's generation.json call arguments, with the step count and CFG scale overridden if given."""
-    call = call_kwargs(getattr(pipe, "obsdiff_generation", {}))
-    if steps is not None:
-        call["num_inference_steps"] = int(steps)
-    if guidance is not None:
-        call["true_cfg_scale" if "true_cfg_scale" in call else "guidance_scale"] = float(guidance)
-    return call
+    return resolve_call(getattr(pipe, "obsdiff_generation", {}), steps, guidance)
 
 
 @contextmanager

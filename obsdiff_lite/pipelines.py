@@ -117,6 +117,16 @@ def call_kwargs(config: dict) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
+def resolve_call(generation: dict, steps: int | None = None, guidance: float | None = None) -> dict:
+    """Call arguments from a generation config, with the step count and CFG scale overridden if given."""
+    call = call_kwargs(generation)
+    if steps is not None:
+        call["num_inference_steps"] = int(steps)
+    if guidance is not None:  # Flux without guidance embedding uses true CFG
+        call["true_cfg_scale" if "true_cfg_scale" in call else "guidance_scale"] = float(guidance)
+    return call
+
+
 def run_pipeline(pipe, prompts: list[str], seed: int, call: dict, batch_size: int = 16,
                  output_type: str = "np", progress: bool = True, desc: str = "sampling",
                  seeds: list[int] | None = None):
@@ -129,7 +139,6 @@ def run_pipeline(pipe, prompts: list[str], seed: int, call: dict, batch_size: in
         seeds = [seed + i for i in range(len(prompts))]
     elif len(seeds) != len(prompts):
         raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
-    device = pipe._execution_device
     outputs = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
         batch = prompts[start : start + batch_size]

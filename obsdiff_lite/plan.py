@@ -217,13 +217,9 @@ def pipeline_bytes(pipe, dtype: torch.dtype | None = None) -> int:
 
 def pipeline_call(pipe, config) -> dict:
     """The pipeline call arguments of a run (generation.json, then the config's steps/guidance)."""
-    from .pipelines import call_kwargs
+    from .pipelines import resolve_call
 
-    call = call_kwargs(getattr(pipe, "obsdiff_generation", {}))
-    if config.steps is not None:
-        call["num_inference_steps"] = config.steps
-    if config.guidance is not None:
-        call["true_cfg_scale" if "true_cfg_scale" in call else "guidance_scale"] = config.guidance
+    call = resolve_call(getattr(pipe, "obsdiff_generation", {}), config.steps, config.guidance)
     return call
 
 
@@ -585,15 +581,11 @@ def plan_for(model: str | Path, config, device="cpu", dtype="float32", batch_siz
              height: int | None = None, width: int | None = None, text_tokens: int | None = None) -> Plan:
     """``plan_memory`` for a full-size name or a local directory, without loading any weights."""
     from .arch import arch_for_transformer
-    from .pipelines import resolve_dtype
+    from .pipelines import resolve_call, resolve_dtype
 
     transformer, info = load_plan_model(model)
     dtype = resolve_dtype(dtype)
-    call = dict(info["call"])
-    if config.steps is not None:
-        call["num_inference_steps"] = config.steps
-    if config.guidance is not None:
-        call["true_cfg_scale" if "true_cfg_scale" in call else "guidance_scale"] = config.guidance
+    call = resolve_call(info["call"], config.steps, config.guidance)
     arch = arch_for_transformer(transformer).name
     tokens = default_geometry(transformer, arch, call, height, width, text_tokens, info["tokenizer_max_length"],
                               info["vae_scale_factor"])

@@ -38,7 +38,7 @@ from .arch import Block, FFNSpec, arch_for_transformer, blocks, get_linear, pars
 from .calibrate import calibrate
 from .hessian import ieee_fp32_matmul
 from .obs import prepare_inverse_hessian
-from .pipelines import call_kwargs
+from .pipelines import resolve_call
 from .prune import PruneConfig, _peak_memory_bytes, default_prompts, versions
 from .surgery import attention_module, head_channels, head_dim, remove_heads, remove_neurons, transformer_structure
 
@@ -384,11 +384,7 @@ def prune_structured(pipe, config: PruneConfig, progress: bool = True) -> dict:
     plans = [_unit_plan(u, head_s, ffn_s) for u in units]  # refuses impossible counts before any work
     packages = split_packages(units, config.packages)
 
-    call = call_kwargs(getattr(pipe, "obsdiff_generation", {}))
-    if config.steps is not None:
-        call["num_inference_steps"] = config.steps
-    if config.guidance is not None:
-        call["true_cfg_scale" if "true_cfg_scale" in call else "guidance_scale"] = config.guidance
+    call = resolve_call(getattr(pipe, "obsdiff_generation", {}), config.steps, config.guidance)
     needs_data = config.method == "obs-diff"
     prompts = []
     if needs_data:

@@ -81,7 +81,10 @@ def _json_default(value):
 
 def save_pipeline(pipe, output: str | Path, report: dict, overwrite: bool = False,
                   extra_files: dict[str, str] | None = None) -> Path:
-    """Atomically write ``pipe`` (safetensors) plus ``obsdiff.json`` (and extra text files) to ``output``.
+    """Atomically write ``pipe`` (safetensors), ``obsdiff.json``, its generation.json and extra files to ``output``.
+
+    The pipeline's recommended call arguments (``pipe.obsdiff_generation``, read from the source
+    model's generation.json by ``load_pipeline``) travel with it, so the output samples like its parent.
 
     SIGTERM is an interrupt while saving (as SIGINT is), so an interrupted save removes its temporary
     directory; the commit (rename into place) and that cleanup are not interruptible. An interrupt that
@@ -96,7 +99,9 @@ def save_pipeline(pipe, output: str | Path, report: dict, overwrite: bool = Fals
             with deferred_signals():
                 tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
             pipe.save_pretrained(tmp, safe_serialization=True)
-            for name, text in (extra_files or {}).items():
+            generation = getattr(pipe, "obsdiff_generation", None)
+            files = ({"generation.json": json.dumps(generation, indent=2) + "\n"} if generation else {}) | (extra_files or {})
+            for name, text in files.items():
                 (tmp / name).write_text(text)
             (tmp / "obsdiff.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
             with deferred_signals():

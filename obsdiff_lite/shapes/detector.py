@@ -179,7 +179,6 @@ def _fit_shape(
     window = _window(cx, cy, float(h.max()), intensity.shape)
     local = intensity[window]
     energy = max(float((intensity**2).sum()), 1e-9)
-    outside = energy - float((local**2).sum())
     sharp = window_coverage(shape, cx, center_y, h, window)  # [size, rows, cols]
     rows, cols = local.shape
     # Every template under every blur: [blur, size, rows, cols].
