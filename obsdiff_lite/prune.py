@@ -243,7 +243,7 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
             if not all_equal(report["structure"]):
                 raise RuntimeError("ranks disagree on the pruned structure; the solves were not deterministic")
             broadcast_module_(pipe.transformer)
-        return report | {"world_size": world}
+        return report
     transformer = pipe.transformer
     arch = arch_for_transformer(transformer)
     all_blocks = blocks(transformer, arch)
@@ -307,13 +307,7 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
 
     pruned = sum(int(linear.weight.numel()) for t in targets for _, linear in t.linears())
     zeros = sum(int((linear.weight == 0).sum()) for t in targets for _, linear in t.linears())
-    return {
-        "config": asdict(config) | {"prompts": None, "num_prompts": len(prompts)},
-        "calibration_prompts": prompts,
-        "arch": arch.name,
-        "call": call,
-        "blocks": [b.index for b in selected],
-        "num_packages": len(packages),
+    return run_record(config, prompts, arch, call, selected, len(packages)) | {
         "target_sparsity": n / m if n else float(config.sparsity),
         "achieved_sparsity": zeros / max(pruned, 1),
         "targeted_parameters": pruned,
@@ -323,7 +317,20 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
         "peak_memory_bytes": _peak_memory_bytes(device),
         "cache": cache_stats,
         "device": str(device),
-        "world_size": world,
+    }
+
+
+def run_record(config: PruneConfig, prompts: list[str], arch, call: dict, selected: list[Block],
+               num_packages: int) -> dict:
+    """The report keys every pruning run shares: its settings, prompts and call, and what it ran on."""
+    return {
+        "config": asdict(config) | {"prompts": None, "num_prompts": len(prompts)},
+        "calibration_prompts": prompts,
+        "arch": arch.name,
+        "call": call,
+        "blocks": [b.index for b in selected],
+        "num_packages": num_packages,
+        "world_size": rank_and_world()[1],
         "versions": versions(),
     }
 

@@ -26,7 +26,7 @@ streams, so its add_q_proj rows are sliced with each head and the projection its
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from types import MappingProxyType
 
 import numpy as np
@@ -39,7 +39,7 @@ from .calibrate import calibrate
 from .hessian import ieee_fp32_matmul
 from .obs import prepare_inverse_hessian
 from .pipelines import resolve_call
-from .prune import PruneConfig, _peak_memory_bytes, default_prompts, versions
+from .prune import PruneConfig, _peak_memory_bytes, default_prompts, run_record
 from .surgery import attention_module, head_channels, head_dim, remove_heads, remove_neurons, transformer_structure
 
 RRF_K = 60  # Reciprocal Rank Fusion constant (paper)
@@ -438,13 +438,7 @@ def prune_structured(pipe, config: PruneConfig, progress: bool = True) -> dict:
     timings["total_s"] = time.perf_counter() - start
 
     targeted_after = sum(int(lin.weight.numel()) for lin in targeted())
-    return {
-        "config": asdict(config) | {"prompts": None, "num_prompts": len(prompts)},
-        "calibration_prompts": prompts,
-        "arch": arch.name,
-        "call": call,
-        "blocks": [b.index for b in selected],
-        "num_packages": len(packages),
+    return run_record(config, prompts, arch, call, selected, len(packages)) | {
         "target_sparsity": {"heads": head_s, "ffn": ffn_s},
         "achieved_sparsity": 1.0 - targeted_after / max(targeted_before, 1),  # of the targeted linears' weights
         "targeted_parameters": targeted_before,
@@ -460,7 +454,6 @@ def prune_structured(pipe, config: PruneConfig, progress: bool = True) -> dict:
         "timings": timings,
         "peak_memory_bytes": _peak_memory_bytes(device),
         "device": str(device),
-        "versions": versions(),
     }
 
 
