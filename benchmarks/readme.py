@@ -167,6 +167,46 @@ def render_structured() -> str:
     return "\n".join(lines)
 
 
+def render_structured_parts() -> str:
+    """Where structured OBS-Diff wins and loses: heads vs FFN neurons, joint vs single-stream blocks."""
+    data = _load("structured_parts")
+    if not data:
+        return "_not measured yet: run `python benchmarks/run.py structured_parts`_"
+    lines = ["| model | blocks | removed | L1-norm | OBS-Diff | OBS-Diff − L1 |", "|---|---|---|---|---|---|"]
+    seen = []
+    for r in data["rows"]:
+        st = r["setting"]
+        key = (st["model"], st["blocks"], st["head_sparsity"], st["ffn_sparsity"])
+        if key in seen:
+            continue
+        seen.append(key)
+        find = dict(model=st["model"], blocks=st["blocks"], head_sparsity=st["head_sparsity"], ffn_sparsity=st["ffn_sparsity"])
+        l1, obs = _find(data["rows"], method="l1-norm", **find), _find(data["rows"], method="obs-diff", **find)
+        what = f"{st['head_sparsity']:.0%} of heads" if st["head_sparsity"] else f"{st['ffn_sparsity']:.0%} of FFN neurons"
+        blocks = st["blocks"] or "1:N-1 (all but first and last)"
+        lines.append(f"| {st['model']} | {blocks} | {what} | {_cell(l1.get('full') if l1 else None)} | "
+                     f"{_cell(obs.get('full') if obs else None)} | {_fmt(compare(obs, l1))} |")
+    lines.append("")
+    lines.append("Full adherence; Flux blocks 1:2 is its second double-stream (joint) block, 2:5 three single-stream "
+                 "blocks. `python benchmarks/run.py structured_parts`.")
+    return "\n".join(lines)
+
+
+def render_calibration_size() -> str:
+    """Fig. 3 analog: number of calibration prompts vs quality (OBS-Diff 60% on tiny-sd3)."""
+    data = _load("calibration_size")
+    if not data:
+        return "_not measured yet: run `python benchmarks/run.py calibration_size`_"
+    rows = sorted(data["rows"], key=lambda r: r["setting"]["num_prompts"])
+    lines = ["| calibration prompts | full adherence | PSNR to dense |", "|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['setting']['num_prompts']} | {_cell(r['full'])} | {_cell(r.get('psnr'), 2)} |")
+    lines.append("")
+    lines.append("tiny-sd3, OBS-Diff 60%, 4 packages, mean ± 95% interval over calibration seeds; "
+                 "`python benchmarks/run.py calibration_size`.")
+    return "\n".join(lines)
+
+
 def render_overhead() -> str:
     """Calibration overhead of hooks + Hessians vs plain inference."""
     data = _load("calibration_overhead")
@@ -321,7 +361,8 @@ def render_claims() -> str:
     return "\n".join(rows)
 
 
-RENDERERS = {"claims": render_claims, "speed": render_speed, "tiny_world": render_tiny_world, "demo": render_demo, "quality": render_quality,
+RENDERERS = {"claims": render_claims, "structured_parts": render_structured_parts,
+             "calibration_size": render_calibration_size, "speed": render_speed, "tiny_world": render_tiny_world, "demo": render_demo, "quality": render_quality,
              "weighting": render_weighting, "packages": render_packages, "structured": render_structured,
              "overhead": render_overhead}
 BLOCK = re.compile(r"(<!-- results:(\w+) -->\n)(.*?)(<!-- /results:\2 -->)", re.S)

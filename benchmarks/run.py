@@ -77,6 +77,14 @@ def experiment_runs(name: str) -> list[dict]:
                     seeds = (0,) if method == "l1-norm" else (0, 1)
                     runs += [dict(model=model, method=method, pattern="structured", sparsity=sparsity, seed=s,
                                   packages=2) for s in seeds]
+    elif name == "structured_parts":  # where structured OBS-Diff wins and loses: heads vs FFN, joint vs single blocks
+        parts = [("tiny-sd3", None, 0.25, 0.0), ("tiny-flux", "1:2", 0.25, 0.0), ("tiny-flux", "2:5", 0.25, 0.0),
+                 ("tiny-flux", None, 0.0, 0.2)]
+        for model, block_range, heads, ffn in parts:
+            for method in ("l1-norm", "obs-diff"):
+                seeds = (0,) if method == "l1-norm" else (0, 1, 2)
+                runs += [dict(model=model, method=method, pattern="structured", sparsity=None, head_sparsity=heads,
+                              ffn_sparsity=ffn, blocks=block_range, packages=1, seed=s) for s in seeds]
     else:
         raise SystemExit(f"unknown experiment {name!r}")
     return runs
@@ -195,7 +203,7 @@ def _dense_scores(model: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=["quality", "weighting", "packages", "calibration_size", "structured", "summarize"])
+    parser.add_argument("experiment", choices=["quality", "weighting", "packages", "calibration_size", "structured", "structured_parts", "summarize"])
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th run starting at i")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
