@@ -13,10 +13,17 @@ so Flux's double- and single-stream blocks need no special case.
 The approximation: later packages see block inputs driven by the dense trajectory (x_t of the dense
 model) rather than by the partially pruned one. ``refresh_every=K`` re-runs the trajectory with the
 current model every K packages.
+
+Where the cache lives (``cache_device``): by default where the block inputs were produced; "cpu" for
+CPU RAM while the model runs on a GPU; "disk" (or "disk:/some/dir") for memory-mapped files in the
+model dtype, so an SD3-size cache (≈ prompts × steps × 2 × tokens × hidden × bytes, e.g. 21 GB for
+100 prompts × 25 steps at 512²) costs page cache, not RAM. ``obsdiff plan`` prints its size up front.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,24 +54,45 @@ class CachedCall:
         return total
 
 
-def _detach(value, device):
-    if isinstance(value, torch.Tensor):
-        return value.detach().to(device)
-    if isinstance(value, tuple):
-        return tuple(_detach(v, device) for v in value)
-    return value
+class CacheStore:
+    """Keeps cached tensors on a device, or in memory-mapped files on disk ("disk" or "disk:/dir")."""
+
+    def __init__(self, where: str | torch.device | None = None):
+        where = None if where is None else str(where)
+        self.disk = where is not None and where.startswith("disk")
+        self.device = torch.device(where) if where is not None and not self.disk else None
+        self._dir = tempfile.TemporaryDirectory(prefix="obsdiff-cache-", dir=where[5:] or None) if self.disk else None
+        self._count = 0
+
+    def put(self, value):
+        """Store a tensor (or a tuple of them); other values pass through unchanged."""
+        if isinstance(value, tuple):
+            return tuple(self.put(v) for v in value)
+        if not isinstance(value, torch.Tensor):
+            return value
+        value = value.detach()
+        if not self.disk:
+            return value.to(self.device or value.device)
+        path = os.path.join(self._dir.name, f"{self._count}.pt")
+        self._count += 1
+        torch.save(value.cpu(), path)
+        return torch.load(path, mmap=True, weights_only=True)  # pages come from the file on demand
+
+    def close(self) -> None:
+        """Delete the cache files (disk mode)."""
+        if self._dir is not None:
+            self._dir.cleanup()
 
 
 def capture_block_inputs(pipe, arch: ArchSpec, block: Block, prompts: list[str], call: dict, seed: int,
-                         batch_size: int, cache_device=None, progress: bool = True) -> list[CachedCall]:
+                         batch_size: int, store: CacheStore | None = None, progress: bool = True) -> list[CachedCall]:
     """Run the full pipeline once and record every call's keyword inputs to ``block``."""
     tracker = StepTracker(pipe.scheduler, arch.timestep_scale)
     cache: list[CachedCall] = []
-    device = torch.device(cache_device) if cache_device else None
+    store = store or CacheStore()
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        stored = {k: _detach(v, device or (v.device if isinstance(v, torch.Tensor) else None)) for k, v in kwargs.items()}
-        cache.append(CachedCall(tracker.step_index, stored))
+        cache.append(CachedCall(tracker.step_index, {k: store.put(v) for k, v in kwargs.items()}))
 
     handles = [pipe.transformer.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True),
                block.module.register_forward_pre_hook(hook, with_kwargs=True)]
@@ -78,9 +106,10 @@ def capture_block_inputs(pipe, arch: ArchSpec, block: Block, prompts: list[str],
 
 @torch.no_grad()
 def propagate(cache: list[CachedCall], chain: list[Block], keep: bool = True,
-              on_call: Callable[[CachedCall], None] | None = None) -> list[CachedCall]:
+              on_call: Callable[[CachedCall], None] | None = None, store: CacheStore | None = None) -> list[CachedCall]:
     """Run each cached call through ``chain`` (consecutive blocks); return the inputs of the next block."""
     out = []
+    store = store or CacheStore()
     for record in cache:
         if on_call is not None:
             on_call(record)
@@ -91,8 +120,9 @@ def propagate(cache: list[CachedCall], chain: list[Block], keep: bool = True,
             encoder, hidden = block.module(**(kwargs | {"hidden_states": hidden.to(param.device),
                                                          "encoder_hidden_states": encoder.to(param.device)}))
         if keep:
-            out.append(CachedCall(record.step_index, kwargs | {"hidden_states": hidden.to(kwargs["hidden_states"].device),
-                                                              "encoder_hidden_states": encoder.to(kwargs["hidden_states"].device)}))
+            where = kwargs["hidden_states"].device
+            out.append(CachedCall(record.step_index, kwargs | {"hidden_states": store.put(hidden.to(where)),
+                                                              "encoder_hidden_states": store.put(encoder.to(where))}))
     return out
 
 
@@ -110,20 +140,31 @@ def run_cached(pipe, arch: ArchSpec, packages: list[list[tuple[Block, dict[str, 
     ``packages[p]`` lists (block, {key: first linear of an input group}) for the blocks that package p
     touches, in block order; ``prune_package(p, accumulators)`` prunes package p in place.
     """
+    store = CacheStore(cache_device)
+    try:
+        return _run_cached(pipe, arch, packages, prompts, call, prune_package, store, weighting=weighting,
+                           weight_range=weight_range, seed=seed, batch_size=batch_size,
+                           hessian_device=hessian_device, refresh_every=refresh_every, progress=progress)
+    finally:
+        store.close()
+
+
+def _run_cached(pipe, arch, packages, prompts, call, prune_package, store: CacheStore, *, weighting, weight_range,
+                seed, batch_size, hessian_device, refresh_every, progress) -> dict:
     all_blocks = blocks(pipe.transformer, arch)
     tracker = StepTracker(pipe.scheduler, arch.timestep_scale, weighting, weight_range)
     first = packages[0][0][0]
-    cache = capture_block_inputs(pipe, arch, first, prompts, call, seed, batch_size, cache_device, progress)
+    cache = capture_block_inputs(pipe, arch, first, prompts, call, seed, batch_size, store, progress)
     cache_block = first.index  # the cache holds the inputs of this block
     stats = {"trajectory_passes": 1, "cache_bytes": cache_nbytes(cache), "cache_calls": len(cache)}
     for p, package in enumerate(tqdm(packages, desc="packages (cached)", disable=not progress)):
         if refresh_every and p and p % refresh_every == 0:
             cache = capture_block_inputs(pipe, arch, all_blocks[cache_block], prompts, call, seed, batch_size,
-                                         cache_device, progress)
+                                         store, progress)
             stats["trajectory_passes"] += 1
         start, end = package[0][0].index, package[-1][0].index
         if start != cache_block:  # carry the cache forward through blocks pruned by earlier packages
-            cache = propagate(cache, all_blocks[cache_block:start])
+            cache = propagate(cache, all_blocks[cache_block:start], store=store)
             cache_block = start
         groups = {k: lin for _, g in package for k, lin in g.items()}
         tracker.weights = None

@@ -58,7 +58,7 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", default="exact",
                    help="exact (the paper: one full trajectory per package) | cached (one trajectory, block-wise)")
     p.add_argument("--refresh-every", type=int, default=0, help="cached mode: re-run the trajectory every K packages")
-    p.add_argument("--cache-device", default=None, help="cached mode: keep block inputs here (e.g. cpu)")
+    p.add_argument("--cache-device", default=None, help="cached mode: keep block inputs here: cpu, or disk / disk:/DIR (memory-mapped files)")
     _add_model_args(p)
 
 

@@ -163,7 +163,9 @@ class Plan:
 
 
 def _device_key(device) -> str:
-    """'cuda:1' -> 'cuda', 'cpu' -> 'cpu' (the planner accounts per device type)."""
+    """'cuda:1' -> 'cuda', 'cpu' -> 'cpu', 'disk:/dir' -> 'disk' (the planner accounts per device type)."""
+    if str(device).startswith("disk"):
+        return "disk"
     return torch.device(device or "cpu").type
 
 
@@ -178,7 +180,12 @@ def _meminfo_available() -> int | None:
 
 
 def available_memory(device) -> int | None:
-    """Free bytes on ``device``: CUDA free + this process's reusable cache; CPU: MemAvailable (None: unknown)."""
+    """Free bytes on ``device``: CUDA free + this process's reusable cache; CPU: MemAvailable; disk: free space."""
+    if str(device).startswith("disk"):  # the cached mode's memory-mapped cache files
+        import shutil
+        import tempfile
+
+        return int(shutil.disk_usage(str(device)[5:] or tempfile.gettempdir()).free)
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -441,7 +448,7 @@ def check_memory(pipe, config, device=None, available=None) -> Plan:
     available = available or available_memory
     plan = plan_memory(pipe, config, device)
     compute = _device_key(device)
-    free = {d: available(d if d != compute else device) for d in plan.devices}
+    free = {d: available(config.cache_device if d == "disk" else d if d != compute else device) for d in plan.devices}
 
     def need(p: Plan, dev: str) -> int:
         return p.peak_bytes(dev) - (p.model_bytes if dev == compute else 0)

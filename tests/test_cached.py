@@ -55,3 +55,22 @@ def test_cached_mode_runs_one_trajectory_for_many_packages(random_sd3_dir):
     pipe = load_pipeline(random_sd3_dir)
     report = prune(pipe, PruneConfig(sparsity=0.5, packages=4, calibration="cached", refresh_every=2, **FAST), progress=False)
     assert report["cache"]["trajectory_passes"] == 2
+
+
+def test_disk_cache_gives_identical_weights_and_cleans_up(random_sd3_dir, tmp_path):
+    """Memory-mapped cache files on disk change where the cache lives, not a single weight."""
+    states = {}
+    for where in (None, f"disk:{tmp_path}"):
+        pipe = load_pipeline(random_sd3_dir)
+        prune(pipe, PruneConfig(sparsity=0.5, packages=3, calibration="cached", cache_device=where, **FAST), progress=False)
+        states[where] = pipe.transformer.state_dict()
+    assert all(torch.equal(states[None][k], states[f"disk:{tmp_path}"][k]) for k in states[None])
+    assert list(tmp_path.iterdir()) == [], "cache files must be deleted after the run"
+
+
+def test_plan_counts_a_disk_cache_on_disk(random_sd3_dir):
+    from obsdiff_lite.plan import plan_memory
+
+    pipe = load_pipeline(random_sd3_dir)
+    plan = plan_memory(pipe, PruneConfig(sparsity=0.5, calibration="cached", cache_device="disk", **FAST))
+    assert "disk" in plan.devices and plan.peak_bytes("disk") > 0
