@@ -60,3 +60,12 @@ def test_jitter_stays_within_spec():
         assert abs(xs.mean() + 0.5 - 16) <= 1.5 and abs(ys.mean() + 0.5 - 16) <= 1.5
         color = img[ys, xs].reshape(-1, 3).max(axis=0)
         assert np.all(np.abs(color.astype(int) - np.array(COLORS["green"])) <= 13)
+
+
+def test_shipped_calibration_prompts_for_real_models():
+    from pathlib import Path
+
+    from obsdiff_lite.prune import read_prompts
+
+    prompts = read_prompts(Path(__file__).resolve().parent.parent / "data" / "prompts" / "calibration.txt")
+    assert len(prompts) >= 100 and len(set(prompts)) == len(prompts)
