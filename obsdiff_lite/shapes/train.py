@@ -2,7 +2,8 @@
 
 Rectified flow as in SD3/Flux: x_t = (1 - t) x0 + t noise, the transformer predicts noise - x0,
 t is logit-normal, captions are dropped 10% of the time (for classifier-free guidance), and the
-saved weights are an EMA (0.999) of the trained ones. Seeded; logs loss to ``training_log.jsonl``.
+saved weights are an EMA (0.999) of the trained ones. Seeded; logs the loss every 100 steps and the
+EMA model's ShapeBench adherence at every checkpoint to ``training_log.jsonl``.
 
     python -m obsdiff_lite.shapes.train vae --out runs/tiny-vae --minutes 4
     python -m obsdiff_lite.shapes.train sd3 --vae runs/tiny-vae --out data/tiny-sd3 --minutes 40
@@ -183,6 +184,7 @@ def train_transformer(
                 _log(log, {"step": step, "seconds": round(elapsed, 1), "loss": round(running, 5)})
             if time.time() - last_ckpt > checkpoint_minutes * 60:
                 _save(pipe, ema, arch, out, {"steps": step, "minutes": elapsed / 60, "partial": True})
+                _log(log, {"step": step, "seconds": round(elapsed, 1), "adherence": checkpoint_adherence(pipe, ema, arch)})
                 last_ckpt = time.time()
     done_steps = step + (previous["steps"] if resume is not None else 0)
     done_minutes = (time.time() - start) / 60 + (previous["minutes"] if resume is not None else 0)
@@ -191,6 +193,24 @@ def train_transformer(
                                   "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
                                   "caption_dropout": caption_dropout, "num_images": num_images, "seed": seed})
     return pipe
+
+
+def checkpoint_adherence(pipe, ema, arch: str, num_prompts: int = 48) -> dict:
+    """ShapeBench adherence of the EMA weights on a few balanced prompts (the training log's quality curve)."""
+    from .bench import adherence
+    from .dataset import balanced_specs
+
+    specs = balanced_specs(num_prompts, seed=999)
+    call = {k: v for k, v in GENERATION[arch].items() if not k.startswith("_")}
+    trained, pipe.transformer = pipe.transformer, ema
+    try:
+        with torch.no_grad():
+            images = pipe([s.caption() for s in specs], output_type="np",
+                          generator=[torch.Generator().manual_seed(i) for i in range(num_prompts)], **call).images
+    finally:
+        pipe.transformer = trained
+    scores = adherence((images * 255).round().clip(0, 255).astype("uint8"), specs)
+    return {k: round(float(v), 4) for k, v in scores.items()}
 
 
 def _save(pipe, ema, arch: str, out: Path, info: dict) -> None:
