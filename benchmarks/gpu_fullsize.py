@@ -50,12 +50,13 @@ def prune_cost(args, device, dtype) -> dict:
     prompts = [line for line in (ROOT / "data" / "prompts" / "calibration.txt").read_text().splitlines() if line][: args.prompts]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    report = prune(pipe, PruneConfig(sparsity=0.5, packages=4, prompts=prompts, batch_size=4, hessian_device=None),
-                   progress=not args.quiet)
+    report = prune(pipe, PruneConfig(sparsity=0.5, packages=args.packages, prompts=prompts, batch_size=4,
+                                     calibration=args.calibration), progress=not args.quiet)
     t = report["timings"]
     scale = (100 * 25) / (args.prompts * args.steps)
     projected = t["calibration_s"] * scale + t["solve_s"]
-    return {"prompts": args.prompts, "steps": args.steps, "resolution": args.resolution, "packages": 4,
+    return {"prompts": args.prompts, "steps": args.steps, "resolution": args.resolution, "packages": args.packages,
+            "calibration": args.calibration,
             "calibration_s": t["calibration_s"], "solve_s": t["solve_s"], "total_s": t["total_s"],
             "peak_memory_gb": report["peak_memory_bytes"] / 2**30, "achieved_sparsity": report["achieved_sparsity"],
             "projected_100x25_min": projected / 60, "paper_min": 14.95, "paper_peak_gb_4_packages": 24.05}
@@ -136,6 +137,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--packages", type=int, default=4)
+    parser.add_argument("--calibration", default="exact", help="exact (the paper) | cached (one trajectory)")
     parser.add_argument("--text-tokens", type=int, default=256, help="T5 tokens (SD3 adds 77 CLIP tokens)")
     parser.add_argument("--latency-resolution", type=int, default=1024)
     parser.add_argument("--latency-batch", type=int, default=1)
