@@ -23,8 +23,9 @@ from torch import Tensor, nn
 from .arch import ArchSpec, arch_for_transformer, block_units, blocks, get_linear
 from .calibrate import StepTracker
 from .hessian import HessianAccumulator
-from .pipelines import resolve_call, run_pipeline
+from .pipelines import pipeline_call, run_pipeline  # noqa: F401  (pipeline_call: used by the notebooks)
 from .schedules import timestep_weights
+from .structured import count_parameters
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -61,11 +62,6 @@ def detection_captions(images: np.ndarray) -> list[str]:
     return [d.spec.caption() if d.found else "(nothing found)" for d in detect_batch(images)]
 
 
-def count_parameters(module: nn.Module | None) -> int:
-    """Number of parameters of a module (0 for None)."""
-    return 0 if module is None else sum(int(p.numel()) for p in module.parameters())
-
-
 def block_linears(transformer: nn.Module, arch: ArchSpec | None = None) -> dict[str, nn.Linear]:
     """Every prunable block linear (the paper's targets), by global name, in forward order."""
     out: dict[str, nn.Linear] = {}
@@ -96,7 +92,7 @@ def architecture_summary(pipe: object) -> dict[str, object]:
     for block in blocks(transformer, arch):
         kinds[block.spec.kind] = kinds.get(block.spec.kind, 0) + 1
     components = {
-        name: count_parameters(getattr(pipe, name, None))
+        name: count_parameters(getattr(pipe, name))
         for name in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
         if getattr(pipe, name, None) is not None
     }
@@ -129,11 +125,6 @@ def format_summary(summary: dict[str, object]) -> str:
 # --------------------------------------------------------------------------------------------------
 # Calls, step-local weight swaps and trajectories (notebook 02)
 # --------------------------------------------------------------------------------------------------
-
-
-def pipeline_call(pipe, steps: int | None = None, guidance: float | None = None) -> dict:
-    """The model's generation.json call arguments, with the step count and CFG scale overridden if given."""
-    return resolve_call(getattr(pipe, "obsdiff_generation", {}), steps, guidance)
 
 
 @contextmanager

@@ -127,6 +127,11 @@ def resolve_call(generation: dict, steps: int | None = None, guidance: float | N
     return call
 
 
+def pipeline_call(pipe, steps: int | None = None, guidance: float | None = None) -> dict:
+    """A loaded pipeline's call arguments (its generation.json), with steps and CFG scale overridden if given."""
+    return resolve_call(getattr(pipe, "obsdiff_generation", {}), steps, guidance)
+
+
 def run_pipeline(pipe, prompts: list[str], seed: int, call: dict, batch_size: int = 16,
                  output_type: str = "np", progress: bool = True, desc: str = "sampling",
                  seeds: list[int] | None = None):

@@ -222,14 +222,6 @@ def pipeline_bytes(pipe, dtype: torch.dtype | None = None) -> int:
 # --- Geometry ------------------------------------------------------------------------------------------
 
 
-def pipeline_call(pipe, config) -> dict:
-    """The pipeline call arguments of a run (generation.json, then the config's steps/guidance)."""
-    from .pipelines import resolve_call
-
-    call = resolve_call(getattr(pipe, "obsdiff_generation", {}), config.steps, config.guidance)
-    return call
-
-
 def cfg_factors(arch: str, call: dict) -> tuple[int, int]:
     """(batch factor, calls per step): SD3 batches CFG halves into one call; Flux true CFG makes two calls."""
     if arch == "sd3":
@@ -346,7 +338,7 @@ def plan_memory(model, config, device="cpu", batch_size: int | None = None, num_
     transformer alone when a bare transformer is given).
     """
     from .arch import arch_for_transformer
-    from .pipelines import resolve_dtype
+    from .pipelines import pipeline_call, resolve_dtype
 
     config.validate()
     is_pipe = hasattr(model, "transformer")
@@ -355,7 +347,7 @@ def plan_memory(model, config, device="cpu", batch_size: int | None = None, num_
     param = next(transformer.parameters())
     dtype = resolve_dtype(dtype) if dtype is not None else param.dtype
     if call is None:
-        call = pipeline_call(model, config) if is_pipe else {}
+        call = pipeline_call(model, config.steps, config.guidance) if is_pipe else {}
     if model_bytes is None:
         model_bytes = pipeline_bytes(model, dtype) if is_pipe else module_bytes(transformer, dtype)
     if num_tokens is None and is_pipe:

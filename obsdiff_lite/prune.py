@@ -29,7 +29,7 @@ from .calibrate import calibrate
 from .distributed import all_equal, broadcast_module_, rank_and_world
 from .hessian import wanda_input_norm
 from .obs import check_sparsity_args, parse_pattern, sparsify_weight
-from .pipelines import resolve_call
+from .pipelines import pipeline_call
 from .schedules import WEIGHTINGS
 
 log = logging.getLogger(__name__)
@@ -256,7 +256,7 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
         for name, linear in t.linears():
             check_sparsity_args(linear.in_features, n / m if n else float(config.sparsity), n, m, name=name)
 
-    call = resolve_call(getattr(pipe, "obsdiff_generation", {}), config.steps, config.guidance)
+    call = pipeline_call(pipe, config.steps, config.guidance)
     prompts = config.prompts if config.prompts is not None else default_prompts(pipe, config.num_prompts, config.seed)
     device = next(transformer.parameters()).device
     if device.type == "cuda":

@@ -38,7 +38,7 @@ from .arch import Block, FFNSpec, arch_for_transformer, blocks, get_linear, pars
 from .calibrate import calibrate
 from .hessian import ieee_fp32_matmul
 from .obs import prepare_inverse_hessian
-from .pipelines import resolve_call
+from .pipelines import pipeline_call
 from .prune import PruneConfig, _peak_memory_bytes, default_prompts, run_record
 from .surgery import attention_module, head_channels, head_dim, remove_heads, remove_neurons, transformer_structure
 
@@ -384,7 +384,7 @@ def prune_structured(pipe, config: PruneConfig, progress: bool = True) -> dict:
     plans = [_unit_plan(u, head_s, ffn_s) for u in units]  # refuses impossible counts before any work
     packages = split_packages(units, config.packages)
 
-    call = resolve_call(getattr(pipe, "obsdiff_generation", {}), config.steps, config.guidance)
+    call = pipeline_call(pipe, config.steps, config.guidance)
     needs_data = config.method == "obs-diff"
     prompts = []
     if needs_data:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .arch import Block, arch_for_transformer, blocks, get_linear
 from .calibrate import calibrate
-from .pipelines import call_kwargs, resolve_call, run_pipeline
+from .pipelines import call_kwargs, pipeline_call, run_pipeline
 from .prune import PruneConfig, default_prompts, package_units, read_prompts
 from .structured import RRF_K, ColumnPruner, StructuredUnit, group_saliency
 from .surgery import attention_module, head_channels, head_dim, remove_heads, remove_neurons
@@ -208,7 +208,7 @@ def head_ranking(pipe, block_index: int, config: PruneConfig | None = None, prom
     block = blocks(pipe.transformer)[block_index]
     unit = StructuredUnit(block, "heads")
     linears = unit.linears()
-    call = resolve_call(getattr(pipe, "obsdiff_generation", {}), config.steps, config.guidance)
+    call = pipeline_call(pipe, config.steps, config.guidance)
     if prompts is None:
         prompts = config.prompts or default_prompts(pipe, config.num_prompts, config.seed)
     accs = calibrate(pipe, arch_for_transformer(pipe.transformer), linears, prompts, call,
