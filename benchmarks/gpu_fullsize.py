@@ -1,26 +1,35 @@
-"""Full-size SD3-medium on a GPU, random weights (no download): prune cost and real latency.
+"""Full-size SD3-medium / Flux.1-dev on a GPU, random weights (no download): prune cost and real latency.
 
-    python benchmarks/gpu_fullsize.py --device cuda --out benchmarks/results/gpu_fullsize.json
-    python benchmarks/gpu_fullsize.py --tiny --out /tmp/gpu_fullsize_tiny.json   # CPU self-test (CI)
+    python benchmarks/gpu_fullsize.py --out benchmarks/results/gpu_fullsize.json          # on a GPU
+    python benchmarks/gpu_fullsize.py --tiny --device cpu --out /tmp/gpu_fullsize.json    # CPU self-test (CI)
 
-(a) OBS-Diff at 50% with 4 module packages over a reduced calibration set (--prompts x --steps at
-    512x512, CFG 7, batch 4): calibration and solve time, peak GPU memory, and the projection to the
-    paper's 100 prompts x 25 steps (calibration scales with prompts x steps; solves do not).
-    Paper (Table 8 / Table 7): 14.95 min, 24.05 GB peak with 4 packages on a 48 GB RTX 4090.
-(b) Transformer forward latency at 1024x1024 (4096 image + 333 text tokens), dense vs 2:4 through
-    torch.sparse.to_sparse_semi_structured on every block linear vs 30% structured (heads + FFN,
-    blocks 1..N-2), interleaved repeats, medians. Paper (Table 5, ONE block of SD3.5-large, RTX 4090):
-    2:4 1.23x, structured 30% 1.31x.
+Parts (``--parts``, run in the order given; each one's failure is recorded and the next one runs;
+the JSON is rewritten after every part, so a run cut short keeps what it measured):
+
+``latency`` / ``latency-flux``
+    Transformer forward latency at 1024x1024, dense vs 2:4 (magnitude masks stored with
+    ``torch.sparse.to_sparse_semi_structured`` on every block linear) vs 30% structured (heads +
+    FFN neurons of blocks 1..N-2), interleaved repeats, medians. Paper (Table 5, ONE block of
+    SD3.5-large on an RTX 4090): 2:4 1.23x, structured 30% 1.31x.
+``prune``
+    OBS-Diff at 50% unstructured for each ``--prune-runs`` entry MODE:PACKAGES (e.g. ``exact:4``,
+    ``cached:24``) over a reduced calibration set (``--prompts`` x ``--steps`` at 512x512, CFG 7,
+    batch 4): calibration and solve time, peak GPU memory, and one plain pipeline pass over the same
+    prompts (for the calibration overhead). Projected to the paper's 100 prompts x 25 steps:
+    calibration scales with prompts x steps, solves do not. Paper (Table 8): 14.95 min and 24.05 GB
+    peak with 4 packages on a 48 GB RTX 4090 (its peak includes the text encoders; ours are stand-ins).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -31,10 +40,15 @@ sys.path.insert(0, str(ROOT))
 from obsdiff_lite.arch import block_units, blocks  # noqa: E402
 from obsdiff_lite.baselines import magnitude_prune  # noqa: E402
 from obsdiff_lite.fullsize import build_random_pipeline  # noqa: E402
+from obsdiff_lite.pipelines import run_pipeline  # noqa: E402
 from obsdiff_lite.prune import PruneConfig, prune  # noqa: E402
 
-TINY = {"num_layers": 3, "num_attention_heads": 2, "caption_projection_dim": 128, "pooled_projection_dim": 64,
-        "joint_attention_dim": 128}
+TINY = {
+    "sd3-medium": {"num_layers": 3, "num_attention_heads": 2, "caption_projection_dim": 128,
+                   "pooled_projection_dim": 64, "joint_attention_dim": 128},
+    "flux-dev": {"num_layers": 2, "num_single_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16,
+                 "axes_dims_rope": (4, 6, 6), "joint_attention_dim": 64, "pooled_projection_dim": 32},
+}
 
 
 def _sync(device):
@@ -42,29 +56,70 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def prune_cost(args, device, dtype) -> dict:
-    """Part (a): prune a random full-size transformer with OBS-Diff and project to the paper's setting."""
-    pipe = build_random_pipeline(args.model, device=device, dtype=dtype, overrides=TINY if args.tiny else None)
-    pipe.obsdiff_generation = {"num_inference_steps": args.steps, "guidance_scale": 7.0, "height": args.resolution,
-                               "width": args.resolution, "max_sequence_length": args.text_tokens}
-    prompts = [line for line in (ROOT / "data" / "prompts" / "calibration.txt").read_text().splitlines() if line][: args.prompts]
+def _free(device):
+    gc.collect()
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    report = prune(pipe, PruneConfig(sparsity=0.5, packages=args.packages, prompts=prompts, batch_size=4,
-                                     calibration=args.calibration), progress=not args.quiet)
+
+
+def _pipeline(args, model: str, device, dtype):
+    """The same random weights for every run of one model (seeded init)."""
+    torch.manual_seed(0)
+    return build_random_pipeline(model, device=device, dtype=dtype, overrides=TINY[model] if args.tiny else None)
+
+
+def prune_run(args, spec: str, device, dtype) -> dict:
+    """Prune a random full-size SD3-medium with OBS-Diff (MODE:PACKAGES) and project to the paper's setting."""
+    mode, packages = spec.split(":")
+    pipe = _pipeline(args, args.model, device, dtype)
+    call = {"num_inference_steps": args.steps, "guidance_scale": 7.0, "height": args.resolution,
+            "width": args.resolution, "max_sequence_length": args.text_tokens}
+    pipe.obsdiff_generation = dict(call)
+    prompts = [line for line in (ROOT / "data" / "prompts" / "calibration.txt").read_text().splitlines() if line][: args.prompts]
+    with torch.no_grad():  # one plain pass (warm-up first): the unit the calibration overhead is measured in
+        run_pipeline(pipe, prompts[:4], 0, call, 4, output_type="latent", progress=False)
+        _sync(device)
+        t0 = time.perf_counter()
+        run_pipeline(pipe, prompts, 0, call, 4, output_type="latent", progress=False)
+        _sync(device)
+        plain_pass_s = time.perf_counter() - t0
+    _free(device)
+    report = prune(pipe, PruneConfig(sparsity=0.5, packages=int(packages), prompts=prompts, batch_size=4,
+                                     calibration=mode), progress=not args.quiet)
     t = report["timings"]
     scale = (100 * 25) / (args.prompts * args.steps)
-    projected = t["calibration_s"] * scale + t["solve_s"]
-    return {"prompts": args.prompts, "steps": args.steps, "resolution": args.resolution, "packages": args.packages,
-            "calibration": args.calibration,
-            "calibration_s": t["calibration_s"], "solve_s": t["solve_s"], "total_s": t["total_s"],
-            "peak_memory_gb": report["peak_memory_bytes"] / 2**30, "achieved_sparsity": report["achieved_sparsity"],
-            "projected_100x25_min": projected / 60, "paper_min": 14.95, "paper_peak_gb_4_packages": 24.05}
+    passes = int(packages) if mode == "exact" else 1
+    out = {"mode": mode, "packages": int(packages), "prompts": args.prompts, "steps": args.steps,
+           "resolution": args.resolution, "text_tokens": args.text_tokens + 77,
+           "plain_pass_s": plain_pass_s, "calibration_s": t["calibration_s"], "solve_s": t["solve_s"],
+           "total_s": t["total_s"], "calibration_overhead_vs_plain_passes": t["calibration_s"] / (passes * plain_pass_s) - 1,
+           "peak_memory_gb": report["peak_memory_bytes"] / 2**30, "achieved_sparsity": report["achieved_sparsity"],
+           "cache_gb": report["cache"]["cache_bytes"] / 2**30 if report.get("cache") else None,
+           "projected_100x25_min": (t["calibration_s"] * scale + t["solve_s"]) / 60,
+           "paper_min_4_packages": 14.95, "paper_peak_gb_4_packages": 24.05}
+    del pipe
+    _free(device)
+    return out
 
 
-def _inputs(transformer, resolution: int, text_tokens: int, batch: int, device, dtype):
+def _inputs(transformer, resolution: int, text_tokens: int, batch: int, device, dtype) -> dict:
+    """Random transformer inputs of the right shapes for one denoising call."""
     cfg = transformer.config
     side = resolution // 8
+    if "guidance_embeds" in cfg:  # Flux: packed 2x2 latents, rotary ids, guidance
+        tokens = (side // 2) ** 2
+        img_ids = torch.zeros(side // 2, side // 2, 3, device=device)
+        img_ids[..., 1] = torch.arange(side // 2, device=device)[:, None]
+        img_ids[..., 2] = torch.arange(side // 2, device=device)[None, :]
+        return dict(
+            hidden_states=torch.randn(batch, tokens, cfg.in_channels, device=device, dtype=dtype),
+            encoder_hidden_states=torch.randn(batch, text_tokens, cfg.joint_attention_dim, device=device, dtype=dtype),
+            pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, device=device, dtype=dtype),
+            timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
+            guidance=torch.full((batch,), 3.5, device=device, dtype=dtype) if cfg.guidance_embeds else None,
+            img_ids=img_ids.reshape(-1, 3), txt_ids=torch.zeros(text_tokens, 3, device=device),
+        )
     return dict(
         hidden_states=torch.randn(batch, cfg.in_channels, side, side, device=device, dtype=dtype),
         encoder_hidden_states=torch.randn(batch, text_tokens, cfg.joint_attention_dim, device=device, dtype=dtype),
@@ -89,27 +144,34 @@ def _to_semi_structured_(transformer) -> int:
     return count
 
 
-def latency(args, device, dtype) -> dict:
-    """Part (b): interleaved median forward latency of dense, 2:4 and 30%-structured transformers."""
+def latency(args, model: str, device, dtype) -> dict:
+    """Interleaved median forward latency of dense, 2:4 and 30%-structured transformers."""
     from obsdiff_lite.structured import prune_structured
 
-    pipe = build_random_pipeline(args.model, device=device, dtype=dtype, overrides=TINY if args.tiny else None)
+    pipe = _pipeline(args, model, device, dtype)
+    text_tokens = args.text_tokens + (77 if model.startswith("sd3") else 256)  # SD3: CLIP 77 + T5; Flux: T5 512
+    inputs = _inputs(pipe.transformer, args.latency_resolution, text_tokens, args.latency_batch, device, dtype)
     models = {"dense": pipe.transformer}
     notes = {}
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-        sparse = copy.deepcopy(pipe.transformer)
-        try:
-            notes["2:4_layers"] = _to_semi_structured_(sparse)
-            models["2:4"] = sparse
-        except (RuntimeError, ValueError) as exc:  # e.g. a GPU without sparse tensor cores
-            notes["2:4"] = f"not measured: {type(exc).__name__}: {exc}"
-    else:
-        notes["2:4"] = "not measured: semi-structured kernels need CUDA and float16/bfloat16"
     structured = copy.deepcopy(pipe)
-    report = prune_structured(structured, PruneConfig(method="l1-norm", pattern="structured", sparsity=0.3, packages=1), progress=False)
+    report = prune_structured(structured, PruneConfig(method="l1-norm", pattern="structured", sparsity=0.3, packages=1),
+                              progress=False)
     models["structured-30%"] = structured.transformer
     notes["structured_params"] = [report["parameters_before"], report["parameters_after"]]
-    inputs = _inputs(pipe.transformer, args.latency_resolution, args.text_tokens + 77, args.latency_batch, device, dtype)
+    del structured
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        try:
+            sparse = copy.deepcopy(pipe.transformer)
+            notes["2:4_layers"] = _to_semi_structured_(sparse)
+            with torch.no_grad():
+                sparse(**inputs)  # kernels can refuse shapes only at the first call
+            models["2:4"] = sparse
+        except (RuntimeError, ValueError, NotImplementedError) as exc:  # e.g. no sparse tensor cores / cuSPARSELt
+            notes["2:4"] = f"not measured: {type(exc).__name__}: {str(exc)[:300]}"
+            sparse = None
+            _free(device)
+    else:
+        notes["2:4"] = "not measured: semi-structured kernels need CUDA and float16/bfloat16"
     times = {k: [] for k in models}
     with torch.no_grad():
         for _ in range(args.warmup):
@@ -123,46 +185,74 @@ def latency(args, device, dtype) -> dict:
                 _sync(device)
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"resolution": args.latency_resolution, "batch": args.latency_batch, "text_tokens": args.text_tokens + 77,
-            "median_ms": {k: v * 1e3 for k, v in med.items()},
-            "speedup": {k: med["dense"] / v for k, v in med.items()}, "notes": notes,
-            "paper_single_block_speedup": {"2:4": 1.23, "structured-30%": 1.31}}
+    out = {"model": model, "resolution": args.latency_resolution, "batch": args.latency_batch,
+           "text_tokens": text_tokens, "median_ms": {k: v * 1e3 for k, v in med.items()},
+           "speedup": {k: med["dense"] / v for k, v in med.items()}, "notes": notes,
+           "paper_single_block_speedup": {"2:4": 1.23, "structured-30%": 1.31}}
+    del models, pipe
+    _free(device)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="sd3-medium")
+    parser.add_argument("--model", default="sd3-medium", help="the model pruned by the prune part")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--parts", nargs="+", default=["latency", "prune", "latency-flux"],
+                        choices=["latency", "prune", "latency-flux"])
+    parser.add_argument("--prune-runs", nargs="+", default=["exact:4", "cached:24"], help="MODE:PACKAGES each")
     parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--packages", type=int, default=4)
-    parser.add_argument("--calibration", default="exact", help="exact (the paper) | cached (one trajectory)")
     parser.add_argument("--text-tokens", type=int, default=256, help="T5 tokens (SD3 adds 77 CLIP tokens)")
     parser.add_argument("--latency-resolution", type=int, default=1024)
     parser.add_argument("--latency-batch", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--skip-prune", action="store_true")
-    parser.add_argument("--tiny", action="store_true", help="CPU self-test: 3 small blocks, 64x64, 1 prompt, 2 steps")
+    parser.add_argument("--tiny", action="store_true", help="CPU self-test: a few small blocks, 64x64, 1 prompt, 2 steps")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_fullsize.json")
     args = parser.parse_args()
     if args.tiny:
         args.dtype, args.prompts, args.steps, args.resolution = "float32", 1, 2, 64
         args.latency_resolution, args.text_tokens, args.warmup, args.repeats = 64, 8, 1, 2
+        args.prune_runs = [r if int(r.split(":")[1]) <= 3 else r.split(":")[0] + ":3" for r in args.prune_runs]
+    for spec in args.prune_runs:
+        mode, _, packages = spec.partition(":")
+        if mode not in ("exact", "cached") or not packages.isdigit():
+            parser.error(f"--prune-runs entries are MODE:PACKAGES with MODE exact|cached, got {spec!r}")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     result = {"command": " ".join(["python benchmarks/gpu_fullsize.py", *sys.argv[1:]]), "model": args.model,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": args.dtype,
-              "tiny": args.tiny, "torch": torch.__version__}
-    if not args.skip_prune:
-        result["prune"] = prune_cost(args, device, dtype)
-        print(json.dumps(result["prune"], indent=2), flush=True)
-    result["latency"] = latency(args, device, dtype)
-    print(json.dumps(result["latency"], indent=2), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+              "tiny": args.tiny, "torch": torch.__version__, "prune": [], "latency": {}, "errors": {}}
+
+    def save():
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    jobs = []
+    for part in args.parts:
+        if part == "prune":
+            jobs += [(f"prune {spec}", lambda spec=spec: result["prune"].append(prune_run(args, spec, device, dtype)))
+                     for spec in args.prune_runs]
+        else:
+            model = "flux-dev" if part == "latency-flux" else args.model
+            jobs.append((f"latency {model}",
+                         lambda model=model: result["latency"].__setitem__(model, latency(args, model, device, dtype))))
+    for name, job in jobs:
+        t0 = time.perf_counter()
+        try:
+            job()
+        except Exception as exc:  # record and go on: a device run is too precious to lose to one part
+            result["errors"][name] = "".join(traceback.format_exception(exc))[-3000:]
+            print(f"{name} FAILED:\n{result['errors'][name]}", flush=True)
+            _free(device)
+        print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
+        save()
+        print(json.dumps({k: result[k] for k in ("prune", "latency")}, indent=1)[-3000:], flush=True)
+    save()
+    sys.exit(1 if result["errors"] else 0)
 
 
 if __name__ == "__main__":
