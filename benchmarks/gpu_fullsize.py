@@ -128,9 +128,11 @@ def _inputs(transformer, resolution: int, text_tokens: int, batch: int, device, 
     )
 
 
-def _to_semi_structured_(transformer) -> int:
-    """2:4-prune every block linear by magnitude and store it as a cuSPARSELt semi-structured tensor."""
-    from torch.sparse import to_sparse_semi_structured
+def _to_semi_structured_(transformer, backend: str = "cusparselt") -> int:
+    """2:4-prune every block linear by magnitude and store it as a semi-structured tensor (cuSPARSELt or CUTLASS)."""
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "cutlass"
 
     count = 0
     for block in blocks(transformer):
@@ -153,25 +155,32 @@ def latency(args, model: str, device, dtype) -> dict:
     inputs = _inputs(pipe.transformer, args.latency_resolution, text_tokens, args.latency_batch, device, dtype)
     models = {"dense": pipe.transformer}
     notes = {}
-    structured = copy.deepcopy(pipe)
-    report = prune_structured(structured, PruneConfig(method="l1-norm", pattern="structured", sparsity=0.3, packages=1),
-                              progress=False)
-    models["structured-30%"] = structured.transformer
-    notes["structured_params"] = [report["parameters_before"], report["parameters_after"]]
-    del structured
+    # Structured 30%: FFN widths rounded to 64 (the default for full-size FFNs) and exact (odd) widths.
+    for label, multiple in (("structured-30%", None), ("structured-30%-unrounded", 1)):
+        structured = copy.deepcopy(pipe)
+        report = prune_structured(structured, PruneConfig(method="l1-norm", pattern="structured", sparsity=0.3,
+                                                          packages=1, ffn_multiple=multiple), progress=False)
+        models[label] = structured.transformer
+        notes[f"{label}_params"] = [report["parameters_before"], report["parameters_after"]]
+        del structured
+    backends = args.sparse_backends if model == args.model else args.flux_sparse_backends
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-        try:
-            sparse = copy.deepcopy(pipe.transformer)
-            notes["2:4_layers"] = _to_semi_structured_(sparse)
-            with torch.no_grad():
-                sparse(**inputs)  # kernels can refuse shapes only at the first call
-            models["2:4"] = sparse
-        except (RuntimeError, ValueError, NotImplementedError) as exc:  # e.g. no sparse tensor cores / cuSPARSELt
-            notes["2:4"] = f"not measured: {type(exc).__name__}: {str(exc)[:300]}"
-            sparse = None
-            _free(device)
+        for backend in backends:
+            label = "2:4" if backend == "cusparselt" else f"2:4-{backend}"
+            try:
+                sparse = copy.deepcopy(pipe.transformer)
+                notes[f"{label}_layers"] = _to_semi_structured_(sparse, backend)
+                with torch.no_grad():
+                    sparse(**inputs)  # kernels can refuse shapes only at the first call
+                models[label] = sparse
+            except (RuntimeError, ValueError, NotImplementedError) as exc:  # e.g. no sparse tensor cores
+                notes[label] = f"not measured: {type(exc).__name__}: {str(exc)[:300]}"
+                sparse = None
+                _free(device)
     else:
         notes["2:4"] = "not measured: semi-structured kernels need CUDA and float16/bfloat16"
+    if not backends:
+        notes["2:4"] = "not measured in this run (no backend asked for)"
     times = {k: [] for k in models}
     with torch.no_grad():
         for _ in range(args.warmup):
@@ -194,13 +203,43 @@ def latency(args, model: str, device, dtype) -> dict:
     return out
 
 
+def hessian_precision(args, device) -> dict:
+    """X^T X of half-precision activations: IEEE float32 vs TF32 (exact for fp16/bf16 inputs) — error and time."""
+    from obsdiff_lite.hessian import ieee_fp32_matmul
+
+    rows, width = (256, 64) if args.tiny else (4 * 2 * 1357, 6144)  # one calibration call of SD3's FFN-down input
+    out = {"rows": rows, "width": width}
+    for name in ("bfloat16", "float16"):
+        torch.manual_seed(0)
+        x = torch.randn(rows, width, device=device).to(getattr(torch, name)).float()
+        result, times = {}, {}
+        for tf32 in (False, True):
+            with ieee_fp32_matmul(device, tf32=tf32):
+                result[tf32] = x.T @ x
+                samples = []
+                for _ in range(5):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    x.T @ x
+                    _sync(device)
+                    samples.append(time.perf_counter() - t0)
+            times["tf32" if tf32 else "ieee"] = statistics.median(samples) * 1e3
+        diff = (result[True] - result[False]).abs().max() / result[False].abs().max()
+        out[name] = {"median_ms": times, "max_rel_diff": float(diff), "speedup": times["ieee"] / times["tf32"]}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sd3-medium", help="the model pruned by the prune part")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--parts", nargs="+", default=["latency", "prune", "latency-flux"],
-                        choices=["latency", "prune", "latency-flux"])
+    parser.add_argument("--parts", nargs="+", default=["hessian", "latency", "prune", "latency-flux"],
+                        choices=["hessian", "latency", "prune", "latency-flux"])
+    parser.add_argument("--sparse-backends", nargs="+", default=["cusparselt", "cutlass"],
+                        help="2:4 kernels timed for --model")
+    parser.add_argument("--flux-sparse-backends", nargs="*", default=["cusparselt"],
+                        help="2:4 kernels timed for Flux (each is another 12B-parameter copy in GPU memory)")
     parser.add_argument("--prune-runs", nargs="+", default=["exact:4", "cached:24"], help="MODE:PACKAGES each")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
@@ -233,7 +272,9 @@ def main() -> None:
 
     jobs = []
     for part in args.parts:
-        if part == "prune":
+        if part == "hessian":
+            jobs.append(("hessian precision", lambda: result.__setitem__("hessian", hessian_precision(args, device))))
+        elif part == "prune":
             jobs += [(f"prune {spec}", lambda spec=spec: result["prune"].append(prune_run(args, spec, device, dtype)))
                      for spec in args.prune_runs]
         else:
@@ -250,7 +291,7 @@ def main() -> None:
             _free(device)
         print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
         save()
-        print(json.dumps({k: result[k] for k in ("prune", "latency")}, indent=1)[-3000:], flush=True)
+        print(json.dumps({k: result.get(k) for k in ("hessian", "prune", "latency")}, indent=1)[-3000:], flush=True)
     save()
     sys.exit(1 if result["errors"] else 0)
 

@@ -280,7 +280,7 @@ def _package_layers(transformer: nn.Module, config) -> list[PackageLayers]:
         selected = [all_blocks[i] for i in parse_block_range(block_range, len(all_blocks))]
         head_s, ffn_s = structured_sparsities(config)
         units = structured_units(selected)
-        plans = {id(u): _unit_plan(u, head_s, ffn_s) for u in units}
+        plans = {id(u): _unit_plan(u, head_s, ffn_s, config.ffn_multiple) for u in units}
         out = []
         for package in split_packages(units, config.packages):
             active = [u for u in package if any(plans[id(u)].values())]

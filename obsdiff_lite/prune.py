@@ -49,6 +49,7 @@ class PruneConfig:
     sparsity: float | None = 0.5  # None with N:M: implied by the pattern
     head_sparsity: float | None = None  # structured only: fraction of heads removed per block (default: sparsity)
     ffn_sparsity: float | None = None  # structured only: fraction of FFN neurons removed (default: sparsity)
+    ffn_multiple: int | None = None  # structured only: kept FFN widths rounded to this (None: 64 for full-size FFNs)
     weighting: str = "log-decrease"
     weight_range: tuple[float, float] = (0.8, 1.2)
     packages: int = 4
@@ -91,6 +92,9 @@ class PruneConfig:
             value = self.sparsity if value is None else value
             if value is None or not (0.0 <= float(value) < 1.0):
                 raise ValueError(f"structured {label} sparsity must be in [0, 1) (e.g. 0.3 for 30%), got {value}")
+        if self.ffn_multiple is not None and (isinstance(self.ffn_multiple, bool) or not isinstance(self.ffn_multiple, int)
+                                              or self.ffn_multiple < 1):
+            raise ValueError(f"ffn_multiple must be a positive integer (e.g. 64; 1 = no rounding), got {self.ffn_multiple!r}")
 
     def _validate_sparsity(self) -> None:
         """Unstructured / N:M: the pattern parses and the sparsity fits it."""

@@ -237,7 +237,24 @@ def default_structured_blocks(num_blocks: int) -> str | None:
     return f"1:{num_blocks - 1}" if num_blocks > 2 else None
 
 
-def _unit_plan(unit: StructuredUnit, head_s: float, ffn_s: float) -> dict[str, int]:
+AUTO_FFN_MULTIPLE = 64  # GPU GEMMs slow down sharply at odd widths (measured: benchmarks/gpu_fullsize.py)
+
+
+def kept_ffn_width(hidden: int, ffn_s: float, multiple: int | None = None) -> int:
+    """Neurons an FFN of ``hidden`` keeps at sparsity ``ffn_s``, rounded to a multiple of ``multiple``.
+
+    ``multiple=None`` (auto): 64 for full-size FFNs (>= 1024 neurons and a multiple of 64), else 1, so
+    tiny models keep their exact fractions and real ones keep tensor-core-friendly widths.
+    """
+    keep = hidden - round(hidden * ffn_s)
+    if multiple is None:
+        multiple = AUTO_FFN_MULTIPLE if hidden >= 1024 and hidden % AUTO_FFN_MULTIPLE == 0 else 1
+    if multiple > 1 and keep < hidden:
+        keep = min(hidden, max(multiple, round(keep / multiple) * multiple))
+    return keep
+
+
+def _unit_plan(unit: StructuredUnit, head_s: float, ffn_s: float, ffn_multiple: int | None = None) -> dict[str, int]:
     """How many heads (key "heads") or neurons (key: up projection) this unit removes; refuses emptying a module."""
     if unit.kind == "heads":
         n = int(attention_module(unit.block).heads)
@@ -250,9 +267,9 @@ def _unit_plan(unit: StructuredUnit, head_s: float, ffn_s: float) -> dict[str, i
     plan = {}
     for ffn in unit.ffns():
         hidden = get_linear(unit.block.module, ffn.up).out_features
-        plan[ffn.up] = round(hidden * ffn_s)
-        if plan[ffn.up] >= hidden:
+        if round(hidden * ffn_s) >= hidden:
             raise ValueError(f"FFN sparsity {ffn_s:g} would remove all {hidden} neurons of {unit.block.name}.{ffn.up}")
+        plan[ffn.up] = hidden - kept_ffn_width(hidden, ffn_s, ffn_multiple)
     return plan
 
 
@@ -381,7 +398,7 @@ def prune_structured(pipe, config: PruneConfig, progress: bool = True) -> dict:
     selected = [all_blocks[i] for i in parse_block_range(block_range, len(all_blocks))]
     head_s, ffn_s = structured_sparsities(config)
     units = structured_units(selected)
-    plans = [_unit_plan(u, head_s, ffn_s) for u in units]  # refuses impossible counts before any work
+    plans = [_unit_plan(u, head_s, ffn_s, config.ffn_multiple) for u in units]  # refuses impossible counts before any work
     packages = split_packages(units, config.packages)
 
     call = pipeline_call(pipe, config.steps, config.guidance)

@@ -24,7 +24,10 @@ def test_gpu_fullsize_script_runs_on_cpu_in_tiny_mode(tmp_path):
         assert run["projected_100x25_min"] > 0 and run["plain_pass_s"] > 0
     assert set(result["latency"]) == {"sd3-medium", "flux-dev"}
     for lat in result["latency"].values():
-        assert set(lat["median_ms"]) == {"dense", "structured-30%"}  # 2:4 needs CUDA: recorded as not measured
+        # 2:4 needs CUDA: recorded as not measured
+        assert set(lat["median_ms"]) == {"dense", "structured-30%", "structured-30%-unrounded"}
         assert "not measured" in lat["notes"]["2:4"]
-        before, after = lat["notes"]["structured_params"]
+        before, after = lat["notes"]["structured-30%_params"]
         assert after < before
+    hessian = result["hessian"]["bfloat16"]
+    assert hessian["max_rel_diff"] == 0.0  # on CPU both precisions are IEEE
