@@ -244,13 +244,14 @@ def kept_ffn_width(hidden: int, ffn_s: float, multiple: int | None = None) -> in
     """Neurons an FFN of ``hidden`` keeps at sparsity ``ffn_s``, rounded to a multiple of ``multiple``.
 
     ``multiple=None`` (auto): 64 for full-size FFNs (>= 1024 neurons and a multiple of 64), else 1, so
-    tiny models keep their exact fractions and real ones keep tensor-core-friendly widths.
+    tiny models keep their exact fractions and real ones keep tensor-core-friendly widths. The kept width
+    is the multiple nearest the exact one, at least one multiple and at most the largest one that fits.
     """
     keep = hidden - round(hidden * ffn_s)
     if multiple is None:
         multiple = AUTO_FFN_MULTIPLE if hidden >= 1024 and hidden % AUTO_FFN_MULTIPLE == 0 else 1
-    if multiple > 1 and keep < hidden:
-        keep = min(hidden, max(multiple, round(keep / multiple) * multiple))
+    if multiple > 1 and keep < hidden and hidden >= multiple:
+        keep = min(hidden // multiple * multiple, max(multiple, round(keep / multiple) * multiple))
     return keep
 
 

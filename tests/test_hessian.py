@@ -162,3 +162,18 @@ def test_accumulator_keeps_its_device_and_dtype():
     acc.add_batch(torch.randn(3, D, dtype=torch.float64), 1.0)
     assert acc.hessian.device.type == "cpu" and acc.hessian.dtype == torch.float32
     assert torch.allclose(acc.hessian, acc.hessian.T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_activations_are_exact_in_tf32(dtype):
+    """The premise of TF32 Hessians: fp16/bf16 values cast to float32 have zeros in the 13 low mantissa bits
+    that TF32 drops, so the products are exact; float32 activations are not, and keep IEEE matmuls."""
+    from obsdiff_lite.hessian import tf32_is_exact_for
+
+    info = torch.finfo(dtype)
+    values = torch.cat([torch.randn(100_000) * s for s in (1e-3, 1.0, 1e3)])
+    values = torch.cat([values, torch.tensor([info.max, info.tiny, info.smallest_normal / 7, -info.max])])
+    bits = values.to(dtype).float().view(torch.int32)
+    assert int((bits & 0x1FFF).count_nonzero()) == 0
+    assert tf32_is_exact_for(dtype) and not tf32_is_exact_for(torch.float32)
+    assert int((torch.randn(1000).view(torch.int32) & 0x1FFF).count_nonzero()) > 900  # float32 would be rounded

@@ -249,3 +249,28 @@ def test_sd3_medium_sizes_match_the_paper():
             remove_neurons(block, ffn, torch.arange(6144 - 614))
     assert round(count_parameters(model) / 1e9, 2) == 1.91
     assert round(linear_macs(model, 1024, 1024, 77) / 1e12, 2) == 2.59
+
+
+def test_kept_ffn_widths_are_rounded_for_full_size_ffns_only():
+    from obsdiff_lite.structured import kept_ffn_width
+
+    assert kept_ffn_width(6144, 0.3) == 4288  # 4301 exact -> nearest multiple of 64 (GPU GEMMs need aligned widths)
+    assert kept_ffn_width(6144, 0.3, 1) == 4301  # --ffn-multiple 1: the exact fraction
+    assert kept_ffn_width(12288, 0.3) % 64 == 0
+    assert kept_ffn_width(256, 0.3) == 179  # tiny FFNs keep their exact fraction (results stay reproducible)
+    assert kept_ffn_width(6144, 0.0) == 6144  # nothing removed stays nothing removed
+    assert kept_ffn_width(6144, 0.999) == 64  # never rounded down to zero
+    assert kept_ffn_width(256, 0.3, 64) == 192
+    assert kept_ffn_width(100, 0.01, 64) == 64  # the largest multiple that fits
+    assert kept_ffn_width(48, 0.5, 64) == 24  # narrower than one multiple: the exact count
+
+
+def test_ffn_multiple_reaches_the_pruned_model(random_flux_dir, tmp_path):
+    pipe = load_pipeline(random_flux_dir)
+    report = prune(pipe, PruneConfig(**(FAST | {"sparsity": 0.3, "ffn_multiple": 64, "method": "l1-norm",
+                                             "pattern": "structured"})),
+                   progress=False)
+    widths = [s["proj_mlp"] for name, s in report["structure"].items() if name.startswith("single_transformer_blocks")]
+    assert widths == [192, 192, 192, 256]  # 179 exact -> 192; the very last block is not targeted
+    with pytest.raises(ValueError, match="ffn_multiple must be a positive integer"):
+        PruneConfig(pattern="structured", sparsity=0.3, ffn_multiple=0).validate()
