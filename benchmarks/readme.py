@@ -195,6 +195,63 @@ def render_structured_parts() -> str:
     return "\n".join(lines)
 
 
+def render_head_diagnosis() -> str:
+    """Per-head removal cost by four measures vs the adherence left, on one Flux joint block."""
+    data = _load("head_diagnosis")
+    if not data:
+        return "_not measured yet: run `python benchmarks/head_diagnosis.py`_"
+    seeds = data["seeds"]
+    heads = len(seeds[0]["heads"])
+    measures = {"OBS saliency, image + text out-projections (paper)": lambda r: sum(r["saliency"].values()),
+                "block-output error": lambda r: r["block_error"],
+                "noise-prediction error": lambda r: r["prediction_error"],
+                "final-latent error (trajectory)": lambda r: r["latent_error"]}
+    mean = lambda f, h: sum(f(s["heads"][h]) for s in seeds) / len(seeds)  # noqa: E731
+    lines = ["| head removed | " + " | ".join(measures) + " | full adherence |", "|---" * (len(measures) + 2) + "|"]
+    for h in range(heads):
+        cells = [f"{mean(f, h):.3g}" for f in measures.values()]
+        lines.append(f"| {h} | " + " | ".join(cells) + f" | {mean(lambda r: r['adherence'], h):.3f} |")
+    picks = []
+    for label, f in measures.items():
+        chosen = [min(range(heads), key=lambda h, s=s: f(s["heads"][h])) for s in seeds]
+        kept = sum(s["heads"][h]["adherence"] for s, h in zip(seeds, chosen)) / len(seeds)
+        picks.append(f"{label}: head {', '.join(map(str, chosen))} → {kept:.3f}")
+    best = [max(range(heads), key=lambda h, s=s: s["heads"][h]["adherence"]) for s in seeds]
+    lines += ["", f"Means over calibration seeds {', '.join(str(s['seed']) for s in seeds)} ({data['model']}, block "
+              f"{data['block']}, dense adherence {data['dense_adherence']:.3f}). The cheapest head by each measure, per "
+              f"seed, and the adherence it leaves: {'; '.join(picks)}; the best choice per seed: head "
+              f"{', '.join(map(str, best))}. `{data['command']}`."]
+    return "\n".join(lines)
+
+
+def render_structured_selection() -> str:
+    """Heads chosen by fused OBS saliencies (the paper) vs by trajectory error (beyond the paper), against L1-norm."""
+    rows = _rows("structured_selection")
+    if not rows:
+        return "_not measured yet: run `python benchmarks/run.py structured_selection`_"
+    lines = ["| model | sparsity | L1-norm | OBS-Diff, saliency (paper) | OBS-Diff, trajectory | trajectory − L1 | "
+             "trajectory − saliency | prune time saliency / trajectory (s) |", "|---|---|---|---|---|---|---|---|"]
+    for model in MODELS_ORDER:
+        for sparsity in (0.2, 0.3):
+            l1 = _find(rows, model=model, sparsity=sparsity, method="l1-norm")
+            sal = _find(rows, model=model, sparsity=sparsity, method="obs-diff", head_selection="saliency")
+            traj = _find(rows, model=model, sparsity=sparsity, method="obs-diff", head_selection="trajectory")
+            if not (l1 and sal and traj):
+                continue
+            lines.append(f"| {model} | {sparsity:.0%} | {_cell(l1['full'])} | {_cell(sal['full'])} | {_cell(traj['full'])} | "
+                         f"{_fmt(compare(traj, l1))} | {_fmt(compare(traj, sal))} | "
+                         f"{sal['prune_wall_s']['mean']:.1f} / {traj['prune_wall_s']['mean']:.1f} |")
+    lines.append("")
+    lines.append("Full adherence, 3 calibration seeds (L1-norm needs none), 2 packages, heads and FFN neurons of blocks "
+                 "1..N-2. Trajectory selection tries the 4 cheapest heads by fused saliency and keeps the removal that "
+                 "moves the final latents of 4 calibration prompts least (`--head-selection trajectory`). "
+                 "`python benchmarks/run.py structured_selection`.")
+    return "\n".join(lines)
+
+
+MODELS_ORDER = ("tiny-sd3", "tiny-flux")
+
+
 def render_calibration_size() -> str:
     """Fig. 3 analog: number of calibration prompts vs quality (OBS-Diff 60% on tiny-sd3)."""
     data = _load("calibration_size")
@@ -460,8 +517,20 @@ def render_claims() -> str:
             d = compare(_find(st, model=model, method="obs-diff", sparsity=s), _find(st, model=model, method="l1-norm", sparsity=s))
             verdicts.append(_verdict(d))
             parts.append(f"{model} {s:.0%}: {_fmt(d)}")
+    sel = _rows("structured_selection")
+    traj_parts, traj_verdicts = [], []
+    for model in ("tiny-sd3", "tiny-flux"):
+        for s in (0.2, 0.3):
+            d = compare(_find(sel, model=model, method="obs-diff", sparsity=s, head_selection="trajectory"),
+                        _find(sel, model=model, method="l1-norm", sparsity=s))
+            if d is not None:
+                traj_verdicts.append(_verdict(d))
+                traj_parts.append(f"{model} {s:.0%}: {_fmt(d)}")
+    traj = f"; with `--head-selection trajectory` (beyond the paper): {'; '.join(traj_parts)}" if traj_parts else ""
+    verdict = summary(verdicts) + (f" with the paper's head saliency; {summary(traj_verdicts)} with trajectory head "
+                                   "selection" if traj_parts else "")
     rows.append(f"| Structured OBS-Diff is far above L1-norm at the same size (Tables 4, 9) | "
-                f"full-adherence difference: {'; '.join(parts) or '–'} | {summary(verdicts)} |")
+                f"full-adherence difference: {'; '.join(parts) or '–'}{traj} | {verdict} |")
 
     sp = speed.get("models", {})
     parts = [f"{m} 30%: {v['structured 30%']['speedup']:.2f}x" for m, v in sp.items() if "structured 30%" in v]
@@ -499,7 +568,7 @@ def render_claims() -> str:
     return "\n".join(rows)
 
 
-RENDERERS = {"claims": render_claims, "gpu": render_gpu, "cached_projection": render_cached_projection, "structured_parts": render_structured_parts,
+RENDERERS = {"claims": render_claims, "gpu": render_gpu, "structured_selection": render_structured_selection, "head_diagnosis": render_head_diagnosis, "cached_projection": render_cached_projection, "structured_parts": render_structured_parts,
              "calibration_size": render_calibration_size, "speed": render_speed, "tiny_world": render_tiny_world, "demo": render_demo, "quality": render_quality,
              "weighting": render_weighting, "packages": render_packages, "structured": render_structured,
              "overhead": render_overhead}

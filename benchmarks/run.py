@@ -86,6 +86,13 @@ def experiment_runs(name: str) -> list[dict]:
                 seeds = (0,) if method == "l1-norm" else (0, 1, 2)
                 runs += [dict(model=model, method=method, pattern="structured", sparsity=None, head_sparsity=heads,
                               ffn_sparsity=ffn, blocks=block_range, packages=1, seed=s) for s in seeds]
+    elif name == "structured_selection":  # beyond the paper: heads chosen by saliency (paper) vs by trajectory error
+        for model in MODELS:
+            for sparsity in (0.2, 0.3):
+                runs.append(dict(model=model, method="l1-norm", pattern="structured", sparsity=sparsity, seed=0, packages=2))
+                for selection in ("saliency", "trajectory"):
+                    runs += [dict(model=model, method="obs-diff", pattern="structured", sparsity=sparsity, seed=s,
+                                  packages=2, head_selection=selection) for s in range(3)]
     else:
         raise SystemExit(f"unknown experiment {name!r}")
     return runs
@@ -243,7 +250,7 @@ def plots() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=["quality", "weighting", "packages", "calibration_size", "structured", "structured_parts", "summarize",
+    parser.add_argument("experiment", choices=["quality", "weighting", "packages", "calibration_size", "structured", "structured_parts", "structured_selection", "summarize",
                                                "plots"])
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th run starting at i")
     parser.add_argument("--threads", type=int, default=1)

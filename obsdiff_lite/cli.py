@@ -45,6 +45,12 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ffn-multiple", type=int, default=None,
                    help="structured: round kept FFN widths to a multiple of this (default: 64 for FFNs of >= 1024 "
                         "neurons, where GPU matmuls slow down at odd widths; 1 = exact fractions)")
+    p.add_argument("--head-selection", default="saliency",
+                   help="structured obs-diff: saliency (the paper: fused OBS saliencies) | trajectory (try the "
+                        "--head-candidates cheapest heads, keep the removal that moves a short sampling run least)")
+    p.add_argument("--head-candidates", type=int, default=4, help="trajectory head selection: heads tried per removal")
+    p.add_argument("--trajectory-prompts", type=int, default=4,
+                   help="trajectory head selection: calibration prompts sampled per trial")
     p.add_argument("--weighting", default="log-decrease", help=f"timestep weighting: {' | '.join(WEIGHTINGS)}")
     p.add_argument("--weight-range", type=float, nargs=2, default=(0.8, 1.2), metavar=("MIN", "MAX"))
     p.add_argument("--packages", type=int, default=4, help="module packages (1 .. number of units; default 4)")
@@ -75,7 +81,8 @@ def _prune_config(args):
         sparsity = 0.5
     return PruneConfig(
         method=args.method, pattern=args.pattern, sparsity=sparsity, head_sparsity=args.head_sparsity,
-        ffn_sparsity=args.ffn_sparsity, ffn_multiple=args.ffn_multiple, weighting=args.weighting,
+        ffn_sparsity=args.ffn_sparsity, ffn_multiple=args.ffn_multiple, head_selection=args.head_selection,
+        head_candidates=args.head_candidates, trajectory_prompts=args.trajectory_prompts, weighting=args.weighting,
         weight_range=tuple(args.weight_range), packages=args.packages, num_prompts=args.num_prompts,
         prompts=prompts, steps=args.steps, guidance=args.guidance, seed=args.seed, blocks=args.blocks,
         damp=args.damp, batch_size=args.batch_size, hessian_device=args.hessian_device,

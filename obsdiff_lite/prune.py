@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 METHODS = ("obs-diff", "sparsegpt", "wanda", "magnitude", "l1-norm")
 STRUCTURED_METHODS = ("obs-diff", "l1-norm")
 CALIBRATIONS = ("exact", "cached")  # pattern "structured": whole heads and FFN neurons
+HEAD_SELECTIONS = ("saliency", "trajectory")  # structured: how heads are chosen (structured.prune_heads_obs)
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "data" / "prompts"
 
 
@@ -50,6 +51,9 @@ class PruneConfig:
     head_sparsity: float | None = None  # structured only: fraction of heads removed per block (default: sparsity)
     ffn_sparsity: float | None = None  # structured only: fraction of FFN neurons removed (default: sparsity)
     ffn_multiple: int | None = None  # structured only: kept FFN widths rounded to this (None: 64 for full-size FFNs)
+    head_selection: str = "saliency"  # structured obs-diff: saliency (paper: RRF of OBS saliencies) | trajectory
+    head_candidates: int = 4  # trajectory selection: the cheapest heads by saliency that are tried each iteration
+    trajectory_prompts: int = 4  # trajectory selection: calibration prompts sampled per trial
     weighting: str = "log-decrease"
     weight_range: tuple[float, float] = (0.8, 1.2)
     packages: int = 4
@@ -77,6 +81,8 @@ class PruneConfig:
             raise ValueError("method l1-norm removes whole heads and neurons; use it with --pattern structured")
         elif self.head_sparsity is not None or self.ffn_sparsity is not None:
             raise ValueError("--head-sparsity / --ffn-sparsity apply only to --pattern structured")
+        elif self.head_selection != "saliency" or self.ffn_multiple is not None:
+            raise ValueError("--head-selection / --ffn-multiple apply only to --pattern structured")
         else:
             self._validate_sparsity()
         self._validate_common()
@@ -92,6 +98,13 @@ class PruneConfig:
             value = self.sparsity if value is None else value
             if value is None or not (0.0 <= float(value) < 1.0):
                 raise ValueError(f"structured {label} sparsity must be in [0, 1) (e.g. 0.3 for 30%), got {value}")
+        if self.head_selection not in HEAD_SELECTIONS:
+            raise ValueError(f"unknown head selection {self.head_selection!r}; choose one of {', '.join(HEAD_SELECTIONS)}")
+        if self.head_selection == "trajectory" and self.method != "obs-diff":
+            raise ValueError("--head-selection trajectory refines OBS saliencies; use it with --method obs-diff")
+        for label, value in (("head_candidates", self.head_candidates), ("trajectory_prompts", self.trajectory_prompts)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{label} must be a positive integer, got {value!r}")
         if self.ffn_multiple is not None and (isinstance(self.ffn_multiple, bool) or not isinstance(self.ffn_multiple, int)
                                               or self.ffn_multiple < 1):
             raise ValueError(f"ffn_multiple must be a positive integer (e.g. 64; 1 = no rounding), got {self.ffn_multiple!r}")

@@ -26,6 +26,7 @@ streams, so its add_q_proj rows are sliced with each head and the projection its
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -38,7 +39,7 @@ from .arch import Block, FFNSpec, arch_for_transformer, blocks, get_linear, pars
 from .calibrate import calibrate
 from .hessian import ieee_fp32_matmul
 from .obs import prepare_inverse_hessian
-from .pipelines import pipeline_call
+from .pipelines import pipeline_call, run_pipeline
 from .prune import PruneConfig, _peak_memory_bytes, default_prompts, run_record
 from .surgery import attention_module, head_channels, head_dim, remove_heads, remove_neurons, transformer_structure
 
@@ -113,6 +114,14 @@ class ColumnPruner:
         keep[positions] = False
         self.weight, self.live = self.weight[:, keep], self.live[keep]
 
+    def trial_weight(self, positions: Tensor, hinv: Tensor) -> Tensor:
+        """The full-width weight if the live columns at ``positions`` were removed now (state unchanged)."""
+        with ieee_fp32_matmul(self.weight.device):
+            trial = obs_remove_columns(self.weight, hinv, positions)
+        out = torch.zeros_like(self.weight0)
+        out[:, self.live] = trial
+        return out
+
     def full_weight(self) -> Tensor:
         """The weight at its original width, removed columns zero."""
         out = torch.zeros_like(self.weight0)
@@ -155,8 +164,14 @@ def prune_columns(weight: Tensor, hessian: Tensor, candidates: Tensor, count: in
 
 
 def prune_heads_obs(pruners: dict[str, ColumnPruner], head_columns: list[Tensor], count: int,
-                    rrf_k: int = RRF_K) -> tuple[list[int], list[dict]]:
-    """Remove ``count`` heads one per iteration (fresh H^-1, RRF-fused rankings, OBS update on every projection)."""
+                    rrf_k: int = RRF_K, judge: Callable[[dict[str, Tensor]], float] | None = None,
+                    candidates: int = 4) -> tuple[list[int], list[dict]]:
+    """Remove ``count`` heads one per iteration (fresh H^-1, RRF-fused rankings, OBS update on every projection).
+
+    With ``judge`` (beyond the paper), the ``candidates`` cheapest heads by fused rank are each tried: judge
+    gets {projection name: full-width weight with that head removed and compensated} and returns an error;
+    the head with the least error goes (``TrajectoryJudge``: final-latent error over a few prompts).
+    """
     alive = list(range(len(head_columns)))
     removed, history = [], []
     for _ in range(count):
@@ -170,13 +185,53 @@ def prune_heads_obs(pruners: dict[str, ColumnPruner], head_columns: list[Tensor]
             ranks = torch.argsort(torch.argsort(sal, stable=True), stable=True) + 1  # 1 = cheapest to remove
             fused += 1.0 / (rrf_k + ranks.double())
             saliencies[name] = sal
-        pick = int(torch.argmax(fused))  # ties: the lowest head index
+        order = torch.argsort(-fused, stable=True).tolist()  # best first; ties: the lowest head index
+        pick, errors = order[0], {}
+        if judge is not None and len(alive) > 1:
+            for i in order[:candidates]:
+                trial = {name: pruner.trial_weight(pruner.positions(head_columns[alive[i]]), hinvs[name])
+                         for name, pruner in pruners.items()}
+                errors[i] = judge(trial)
+            pick = min(errors, key=lambda i: (errors[i], order.index(i)))
+        entry = {"head": alive[pick], "saliency": {n: float(s[pick]) for n, s in saliencies.items()}}
+        if errors:
+            entry["trajectory_error"] = {str(alive[i]): err for i, err in errors.items()}
         head = alive.pop(pick)
         for name, pruner in pruners.items():
             pruner.remove(pruner.positions(head_columns[head]), hinvs[name])
         removed.append(head)
-        history.append({"head": head, "saliency": {n: float(s[pick]) for n, s in saliencies.items()}})
+        history.append(entry)
     return removed, history
+
+
+class TrajectoryJudge:
+    """How far a temporary weight change moves the final latents of a few calibration prompts (beyond the paper).
+
+    Errors accumulate over the denoising trajectory (the paper's premise); on tiny-flux's joint block the
+    head whose removal changes each call's output least is the one that ruins prompt adherence, and the
+    final-latent error of a short sampling run sees it (``benchmarks/run.py structured_selection``).
+    """
+
+    def __init__(self, pipe, prompts: list[str], call: dict, seed: int, batch_size: int):
+        self.pipe, self.prompts, self.call, self.seed, self.batch_size = pipe, prompts, call, seed, batch_size
+        self.reference = self.latents()  # the model as it is now: call before pruning anything
+
+    def latents(self) -> Tensor:
+        """Final latents of the judge's prompts (fixed generator seeds)."""
+        out = run_pipeline(self.pipe, self.prompts, self.seed, self.call, self.batch_size, output_type="latent",
+                           progress=False)
+        return torch.cat([torch.as_tensor(x) for x in out]).float()
+
+    def error(self, weights: dict[nn.Linear, Tensor]) -> float:
+        """Mean squared final-latent change with ``weights`` written into their linears, then restored."""
+        saved = {lin: lin.weight.data.clone() for lin in weights}
+        try:
+            for lin, weight in weights.items():
+                _write_weight(lin, weight)
+            return float(((self.latents() - self.reference.to(self.pipe.transformer.device)) ** 2).mean())
+        finally:
+            for lin, weight in saved.items():
+                lin.weight.data.copy_(weight)
 
 
 # --- Units, packages and the per-unit work -------------------------------------------------------------
@@ -279,8 +334,8 @@ def _write_weight(linear: nn.Linear, weight: Tensor) -> None:
     linear.weight.data.copy_(weight.to(linear.weight.device, linear.weight.dtype))
 
 
-def _prune_heads(unit: StructuredUnit, count: int, method: str, hessians: dict[str, Tensor], damp: float
-                 ) -> tuple[dict, dict[str, dict]]:
+def _prune_heads(unit: StructuredUnit, count: int, method: str, hessians: dict[str, Tensor], damp: float,
+                 judge: TrajectoryJudge | None = None, candidates: int = 4) -> tuple[dict, dict[str, dict]]:
     """Remove ``count`` heads of the unit's block (OBS or L1) and shrink it; (block record, layer records)."""
     block, attn = unit.block, attention_module(unit.block)
     heads, dim = int(attn.heads), head_dim(attn)
@@ -296,7 +351,8 @@ def _prune_heads(unit: StructuredUnit, count: int, method: str, hessians: dict[s
         removed = torch.sort(scores, stable=True).indices[:count].tolist()
     else:
         pruners = {name: ColumnPruner(lin.weight, hessians[name], damp, name) for name, lin in linears.items()}
-        removed, history = prune_heads_obs(pruners, head_columns, count)
+        trial = None if judge is None else (lambda weights: judge.error({linears[n]: w for n, w in weights.items()}))
+        removed, history = prune_heads_obs(pruners, head_columns, count, judge=trial, candidates=candidates)
         for name, lin in linears.items():
             _write_weight(lin, pruners[name].full_weight())
             hessians[name] = pruners[name].live_hessian()  # a later unit of this package may read this input too
@@ -422,6 +478,9 @@ def prune_structured(pipe, config: PruneConfig, progress: bool = True) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    judge = None
+    if config.head_selection == "trajectory" and any(p.get("heads") for p in plans):
+        judge = TrajectoryJudge(pipe, prompts[: config.trajectory_prompts], call, config.seed, config.batch_size)
     plan_of = {id(u): p for u, p in zip(units, plans)}
     layers: dict[str, dict] = {}
     block_records: dict[str, dict] = {b.name: {} for b in selected}
@@ -444,7 +503,8 @@ def prune_structured(pipe, config: PruneConfig, progress: bool = True) -> dict:
         for unit in active:
             plan = plan_of[id(unit)]
             if unit.kind == "heads":
-                record, unit_layers = _prune_heads(unit, plan["heads"], config.method, hessians, config.damp)
+                record, unit_layers = _prune_heads(unit, plan["heads"], config.method, hessians, config.damp,
+                                                   judge, config.head_candidates)
             else:
                 record, unit_layers = _prune_ffns(unit, plan, config.method, hessians, config.damp)
                 record = {"ffn": record}

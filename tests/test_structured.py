@@ -274,3 +274,68 @@ def test_ffn_multiple_reaches_the_pruned_model(random_flux_dir, tmp_path):
     assert widths == [192, 192, 192, 256]  # 179 exact -> 192; the very last block is not targeted
     with pytest.raises(ValueError, match="ffn_multiple must be a positive integer"):
         PruneConfig(pattern="structured", sparsity=0.3, ffn_multiple=0).validate()
+
+
+def _head_pruners(seed: int = 0, heads: int = 4, dim: int = 3) -> tuple[dict, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    pruners = {}
+    for name in ("out", "add_out"):
+        x = torch.randn(200, heads * dim, generator=g, dtype=torch.float64)
+        w = torch.randn(5, heads * dim, generator=g, dtype=torch.float64)
+        pruners[name] = ColumnPruner(w, 2 * x.T @ x / len(x), damp=0.01, name=name)
+    return pruners, [head_channels([h], dim) for h in range(heads)]
+
+
+def test_trajectory_judge_overrides_the_saliency_pick_within_the_candidates():
+    paper, _ = prune_heads_obs(*_head_pruners(), count=1)
+    calls = []
+
+    def judge_for(favourite: int):
+        def judge(weights: dict) -> float:
+            zero = [h for h in range(4) if bool((weights["out"][:, h * 3:(h + 1) * 3] == 0).all())]
+            assert len(zero) == 1 and set(weights) == {"out", "add_out"}  # one trial head, both projections
+            calls.append(zero[0])
+            return 0.0 if zero[0] == favourite else 1.0 + zero[0]
+        return judge
+
+    other = next(h for h in range(4) if h != paper[0])
+    removed, history = prune_heads_obs(*_head_pruners(), count=1, judge=judge_for(other), candidates=4)
+    assert removed == [other] and sorted(calls) == [0, 1, 2, 3]
+    assert set(history[0]["trajectory_error"]) == {"0", "1", "2", "3"} and history[0]["trajectory_error"][str(other)] == 0.0
+    calls.clear()  # one candidate: the judge cannot change the paper's choice
+    removed, _ = prune_heads_obs(*_head_pruners(), count=1, judge=judge_for(other), candidates=1)
+    assert removed == paper and calls == paper
+
+
+def test_trajectory_judge_measures_and_restores(random_flux_dir):
+    from obsdiff_lite.structured import TrajectoryJudge
+
+    pipe = load_pipeline(random_flux_dir)
+    call = call_kwargs(pipe.obsdiff_generation) | {"num_inference_steps": 2}
+    judge = TrajectoryJudge(pipe, PROMPTS, call, seed=0, batch_size=2)
+    lin = pipe.transformer.transformer_blocks[1].attn.to_out[0]
+    before = lin.weight.detach().clone()
+    assert judge.error({lin: before.clone()}) == 0.0  # sampling is deterministic: unchanged weights, no error
+    changed = before.clone()
+    changed[:, :16] = 0.0  # one head's columns
+    assert judge.error({lin: changed}) > 0.0
+    assert torch.equal(lin.weight, before)  # restored after the trial
+
+
+def test_trajectory_head_selection_end_to_end(random_flux_dir, tmp_path):
+    pipe = load_pipeline(random_flux_dir)
+    config = PruneConfig(**(FAST | {"pattern": "structured", "sparsity": 0.3, "head_selection": "trajectory",
+                                    "head_candidates": 2, "trajectory_prompts": 1}))
+    report = prune(pipe, config, progress=False)
+    order = report["block_records"]["transformer_blocks.1"]["removal_order"]
+    assert len(order) == 1 and len(order[0]["trajectory_error"]) == 2
+    assert report["config"]["head_selection"] == "trajectory"
+    assert transformer_structure(pipe.transformer)["transformer_blocks.1"]["heads"] == 3
+    with pytest.raises(ValueError, match="use it with --method obs-diff"):
+        PruneConfig(method="l1-norm", pattern="structured", sparsity=0.3, head_selection="trajectory").validate()
+    with pytest.raises(ValueError, match="head_candidates must be a positive integer"):
+        PruneConfig(pattern="structured", sparsity=0.3, head_candidates=0).validate()
+    with pytest.raises(ValueError, match="apply only to --pattern structured"):
+        PruneConfig(head_selection="trajectory").validate()
+    with pytest.raises(ValueError, match="unknown head selection"):
+        PruneConfig(pattern="structured", sparsity=0.3, head_selection="oracle").validate()
