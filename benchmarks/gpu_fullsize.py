@@ -43,6 +43,7 @@ from obsdiff_lite.fullsize import build_random_pipeline  # noqa: E402
 from obsdiff_lite.pipelines import run_pipeline  # noqa: E402
 from obsdiff_lite.prune import PruneConfig, prune  # noqa: E402
 
+FLUX_LATENCY_MIN_BYTES = 60 * 2**30  # dense + structured + 2:4 copies of Flux.1-dev in bfloat16 (about 24 GB each)
 TINY = {
     "sd3-medium": {"num_layers": 3, "num_attention_heads": 2, "caption_projection_dim": 128,
                    "pooled_projection_dim": 64, "joint_attention_dim": 128},
@@ -277,6 +278,9 @@ def main() -> None:
         elif part == "prune":
             jobs += [(f"prune {spec}", lambda spec=spec: result["prune"].append(prune_run(args, spec, device, dtype)))
                      for spec in args.prune_runs]
+        elif part == "latency-flux" and device.type == "cuda" and \
+                torch.cuda.get_device_properties(device).total_memory < FLUX_LATENCY_MIN_BYTES:
+            result["skipped"] = {"latency flux-dev": "needs three copies of the 12B-parameter transformer in GPU memory"}
         else:
             model = "flux-dev" if part == "latency-flux" else args.model
             jobs.append((f"latency {model}",

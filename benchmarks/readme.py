@@ -131,22 +131,34 @@ def render_weighting() -> str:
     return "\n".join(lines)
 
 
+def _num_packages(row: dict) -> float:
+    """How many packages a row ran with ("blocks" rows recorded the count)."""
+    return row["num_packages"]["mean"] if "num_packages" in row else row["setting"]["packages"]
+
+
+def _packages_label(row: dict) -> str:
+    g = row["setting"]["packages"]
+    return f"{_num_packages(row):.0f} (one per block)" if g == "blocks" else str(g)
+
+
 def render_packages() -> str:
     """Table 7 analog, with the cached calibration of this project: time, memory, quality per package count."""
     data = _load("packages")
     if not data:
         return "_not measured yet: run `python benchmarks/run.py packages`_"
     lines = ["| model | packages | mode | prune wall time (s) | peak RSS (MB) | full adherence |", "|---|---|---|---|---|---|"]
-    rows = sorted(data["rows"], key=lambda r: (r["setting"]["model"], r["setting"]["packages"], r["setting"]["calibration"]))
+    rows = sorted(data["rows"], key=lambda r: (r["setting"]["model"], _num_packages(r), r["setting"]["packages"] == "blocks",
+                                               r["setting"]["calibration"]))
     for r in rows:
         st = r["setting"]
-        lines.append(f"| {st['model']} | {st['packages']} | {st['calibration']} | {_cell(r['prune_wall_s'], 1)} | "
+        lines.append(f"| {st['model']} | {_packages_label(r)} | {st['calibration']} | {_cell(r['prune_wall_s'], 1)} | "
                      f"{r['peak_memory_bytes']['mean'] / 2**20:.0f} | {_cell(r['full'])} |")
     lines.append("")
     lines.append("OBS-Diff at 60%, 16 calibration prompts; 3 seeds where a ± is shown, else one run. Peak RSS is the "
                  "process high-water mark (it includes everything loaded before, so it cannot show the Hessian savings "
-                 "of more packages on models this small; `obsdiff plan` computes them). Wall times were measured with "
-                 "two sweeps sharing the 2 cores: compare within the table, not with other machines. "
+                 "of more packages on models this small; `obsdiff plan` computes them). \"one per block\" is "
+                 "`--packages blocks`; the largest G is one package per unit (a group of linears sharing an input). "
+                 "Wall times come from one process, one thread, on an otherwise idle machine: compare within the table. "
                  "`python benchmarks/run.py packages`.")
     return "\n".join(lines)
 
@@ -282,31 +294,43 @@ def _linear_fit(points: dict[int, float]) -> tuple[float, float]:
 
 
 def render_cached_projection() -> str:
-    """Exact vs cached calibration cost: our tiny-model fit, and SD3-medium's 24 blocks from the paper's timings."""
+    """Exact vs cached calibration cost: measured on the tiny models and on full-size SD3-medium (GPU), and
+    projected for SD3-medium's 24 blocks from the paper's timings."""
     data = _load("packages")
     if not data:
         return "_not measured yet: run `python benchmarks/run.py packages`_"
-    lines = ["| model | source | fixed (s) | per trajectory pass (s) | exact, 4 packages (s) | exact, one package per block (s) | cached, any G (s) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | source | fixed (s) | per trajectory pass (s) | exact, 4 packages (s) | "
+             "exact, one package per block (s) | cached, one package per block (s) |", "|---|---|---|---|---|---|---|"]
     for model in ("tiny-sd3", "tiny-flux"):
-        exact = {r["setting"]["packages"]: r["prune_wall_s"]["mean"] for r in data["rows"]
-                 if r["setting"]["model"] == model and r["setting"]["calibration"] == "exact"}
-        cached = [r["prune_wall_s"]["mean"] for r in data["rows"]
-                  if r["setting"]["model"] == model and r["setting"]["calibration"] == "cached"]
+        rows = [r for r in data["rows"] if r["setting"]["model"] == model]
+        exact = {r["setting"]["packages"]: r["prune_wall_s"]["mean"] for r in rows
+                 if r["setting"]["calibration"] == "exact" and isinstance(r["setting"]["packages"], int)}
+        per_block = {r["setting"]["calibration"]: r for r in rows if r["setting"]["packages"] == "blocks"}
+        if not exact or set(per_block) != {"exact", "cached"}:
+            continue
         fixed, per_pass = _linear_fit(exact)
         lines.append(f"| {model} | measured here (fit over G = {', '.join(map(str, sorted(exact)))}) | {fixed:.1f} | "
-                     f"{per_pass:.2f} | {exact.get(4, fixed + 4 * per_pass):.1f} | {exact[max(exact)]:.1f} (G={max(exact)}) | "
-                     f"{min(cached):.1f}–{max(cached):.1f} |")
+                     f"{per_pass:.2f} | {exact.get(4, fixed + 4 * per_pass):.1f} | "
+                     f"{per_block['exact']['prune_wall_s']['mean']:.1f} (G={_num_packages(per_block['exact']):.0f}) | "
+                     f"{_cell(per_block['cached']['prune_wall_s'], 1)} |")
+    gpu = {(r["mode"], r["packages"]): r for r in _load("gpu_fullsize_ieee").get("prune", [])}
+    if {("exact", 4), ("exact", 24), ("cached", 24)} <= set(gpu):
+        e4, e24, c24 = gpu[("exact", 4)], gpu[("exact", 24)], gpu[("cached", 24)]
+        per_pass = (e24["total_s"] - e4["total_s"]) / 20
+        lines.append(f"| SD3-medium (24 blocks) | measured on an H100, random weights, IEEE Hessians, {e4['prompts']} prompts × "
+                     f"{e4['steps']} steps | {e4['total_s'] - 4 * per_pass:.0f} | {per_pass:.1f} | {e4['total_s']:.0f} | "
+                     f"{e24['total_s']:.0f} (G=24) | {c24['total_s']:.0f} |")
     fixed, per_pass = _linear_fit(PAPER_TABLE7_SECONDS)
     # Cached mode: one dense trajectory (already inside "fixed", which holds one pass plus the solves) plus
     # about two passes through the blocks (collect, then carry forward), whatever the number of packages.
-    lines.append(f"| SD3-medium (24 blocks, 96 units) | projected from the paper's Table 7 | {fixed:.0f} | {per_pass:.0f} | "
-                 f"{fixed + 4 * per_pass:.0f} | {fixed + 24 * per_pass:.0f} (G=24) | ≈ {fixed + 2 * per_pass:.0f} |")
+    lines.append(f"| SD3-medium (24 blocks) | projected from the paper's Table 7 (100 prompts × 25 steps) | {fixed:.0f} | "
+                 f"{per_pass:.0f} | {fixed + 4 * per_pass:.0f} | {fixed + 24 * per_pass:.0f} (G=24) | "
+                 f"≈ {fixed + 2 * per_pass:.0f} |")
     lines.append("")
-    lines.append("Exact mode costs fixed + G × one trajectory pass (a straight-line fit). On the tiny CPU models the "
-                 "cached mode's block-by-block propagation carries Python overhead per call, so it is slower than exact "
-                 "mode with few packages there; at SD3-medium scale, where the blocks are the cost of a pass, it should "
-                 "cost about two passes more than one package (a projection, not a measurement).")
+    lines.append("Exact mode costs fixed + G × one trajectory pass (a straight-line fit; fixed holds the OBS solves). "
+                 "Cached mode costs one trajectory plus about two passes through the blocks, whatever G. The tiny "
+                 "models' rows are single-process CPU timings from `python benchmarks/run.py packages`; the H100 row "
+                 "is `benchmarks/gpu_fullsize.py` (see \"On a GPU\"); the last row is a projection, not a measurement.")
     return "\n".join(lines)
 
 
@@ -499,12 +523,12 @@ def render_claims() -> str:
     parts, verdicts = [], []
     for model in ("tiny-sd3", "tiny-flux"):
         exact = sorted((r for r in pk if r["setting"]["model"] == model and r["setting"]["calibration"] == "exact"),
-                       key=lambda r: r["setting"]["packages"])
+                       key=_num_packages)
         if len(exact) >= 2:
             d = compare(exact[-1], exact[0])
             verdicts.append("within noise" if _verdict(d) == "within noise" else "differs")
             t0, t1 = exact[0]["prune_wall_s"]["mean"], exact[-1]["prune_wall_s"]["mean"]
-            parts.append(f"{model} G={exact[-1]['setting']['packages']} vs G=1: quality {_fmt(d)}, time {t1 / t0:.1f}x")
+            parts.append(f"{model} G={_packages_label(exact[-1])} vs G=1: quality {_fmt(d)}, time {t1 / t0:.1f}x")
     verdict = ("not measured yet" if not verdicts else "**confirmed** (quality within noise)" if all(v == "within noise" for v in verdicts)
                else "**not confirmed**")
     rows.append(f"| Quality is insensitive to the number of module packages; time grows with them (Table 7) | "

@@ -62,11 +62,12 @@ def experiment_runs(name: str) -> list[dict]:
         for model, all_units in (("tiny-sd3", 24), ("tiny-flux", 16)):
             # Quality comparisons need seeds (G = 1, 4 exact; 1, all cached); the other package counts are
             # there for the time and memory trend and run once.
-            for g in (1, 2, 4, 8, all_units):
+            # "blocks": one package per transformer block (the "one package per block").
+            for g in (1, 2, 4, 8, "blocks", all_units):
                 seeds = range(3) if g in (1, 4) else range(1)
                 runs += [dict(model=model, packages=g, sparsity=0.6, calibration="exact", seed=s) for s in seeds]
-            for g in (1, 4, all_units):
-                seeds = range(3) if g in (1, all_units) else range(1)
+            for g in (1, 4, "blocks", all_units):
+                seeds = range(3) if g in (1, "blocks", all_units) else range(1)
                 runs += [dict(model=model, packages=g, sparsity=0.6, calibration="cached", seed=s) for s in seeds]
     elif name == "calibration_size":  # Fig. 3 analog
         for n in (2, 4, 8, 16, 32, 64):
@@ -128,6 +129,7 @@ def execute(run: dict) -> dict:
     scores = evaluate(images, specs, reference=dense_images)
     extra = {k: report[k] for k in ("parameters_before", "parameters_after", "macs_before", "macs_after") if k in report}
     return {"run": run, "scores": scores, "prune_wall_s": wall, "timings": report["timings"],
+            "num_packages": report["num_packages"],
             "peak_memory_bytes": report["peak_memory_bytes"], "achieved_sparsity": report["achieved_sparsity"],
             "cache": report.get("cache"), **extra}
 
@@ -176,7 +178,7 @@ def summarize() -> None:
                 vals = [r["scores"][metric] for r in results if metric in r["scores"]]
                 if vals:
                     row[metric] = mean_ci(vals)
-            for metric in ("prune_wall_s", "peak_memory_bytes", "achieved_sparsity", "parameters_after", "macs_after",
+            for metric in ("prune_wall_s", "num_packages", "peak_memory_bytes", "achieved_sparsity", "parameters_after", "macs_after",
                            "parameters_before", "macs_before"):
                 vals = [r[metric] for r in results if r.get(metric) is not None]
                 if vals:

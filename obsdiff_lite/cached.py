@@ -154,11 +154,19 @@ def _run_cached(pipe, arch, packages, prompts, call, prune_package, store: Cache
     all_blocks = blocks(pipe.transformer, arch)
     tracker = StepTracker(pipe.scheduler, arch.timestep_scale, weighting, weight_range)
     first = packages[0][0][0]
-    cache = capture_block_inputs(pipe, arch, first, prompts, call, seed, batch_size, store, progress)
+    # Package 0 sees the dense trajectory's inputs anyway: collect its Hessians during the trajectory pass
+    # itself, which saves one pass through its blocks.
+    first_groups = {k: lin for _, g in packages[0] for k, lin in g.items()}
+    first_tracker = StepTracker(pipe.scheduler, arch.timestep_scale, weighting, weight_range)
+    with collect_hessians(pipe.transformer, arch, first_groups, first_tracker, hessian_device) as first_accumulators:
+        cache = capture_block_inputs(pipe, arch, first, prompts, call, seed, batch_size, store, progress)
     cache_block = first.index  # the cache holds the inputs of this block
     stats = {"trajectory_passes": 1, "cache_bytes": cache_nbytes(cache), "cache_calls": len(cache)}
     for p, package in enumerate(tqdm(packages, desc="packages (cached)", disable=not progress)):
-        if refresh_every and p and p % refresh_every == 0:
+        if p == 0:
+            prune_package(0, first_accumulators)
+            continue
+        if refresh_every and p % refresh_every == 0:
             cache = capture_block_inputs(pipe, arch, all_blocks[cache_block], prompts, call, seed, batch_size,
                                          store, progress)
             stats["trajectory_passes"] += 1

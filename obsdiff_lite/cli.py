@@ -29,6 +29,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16 (default float32)")
 
 
+def _packages(text: str) -> int | str:
+    """--packages: a positive integer, or "blocks" (one module package per transformer block)."""
+    if text == "blocks":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of packages or 'blocks', got {text!r}") from None
+
+
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
     from .prune import METHODS
     from .schedules import WEIGHTINGS
@@ -53,7 +63,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="trajectory head selection: calibration prompts sampled per trial")
     p.add_argument("--weighting", default="log-decrease", help=f"timestep weighting: {' | '.join(WEIGHTINGS)}")
     p.add_argument("--weight-range", type=float, nargs=2, default=(0.8, 1.2), metavar=("MIN", "MAX"))
-    p.add_argument("--packages", type=int, default=4, help="module packages (1 .. number of units; default 4)")
+    p.add_argument("--packages", type=_packages, default=4,
+                   help="module packages: 1 .. number of units, or 'blocks' for one per block (default 4)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--num-prompts", type=int, default=16, help="calibration prompts (default 16; paper 100)")
     group.add_argument("--prompts", type=Path, help="file with one calibration prompt per line")

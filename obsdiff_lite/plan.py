@@ -412,8 +412,9 @@ def _suggestions(model, config, device, fits) -> list[str]:
 
     tips = []
     most = _num_units(model.transformer if hasattr(model, "transformer") else model, config)
-    for packages in sorted({min(config.packages * f, most) for f in (2, 4, 8, 16)} | {most}):
-        if packages > config.packages and fits(plan_memory(model, replace(config, packages=packages), device)):
+    current = config.packages if isinstance(config.packages, int) else most  # "blocks": suggest no more
+    for packages in sorted({min(current * f, most) for f in (2, 4, 8, 16)} | {most}):
+        if packages > current and fits(plan_memory(model, replace(config, packages=packages), device)):
             tips.append(f"--packages {packages}")
             break
     if _device_key(device) != "cpu" and config.hessian_device in (None, str(device), _device_key(device)):
@@ -461,9 +462,13 @@ def check_memory(pipe, config, device=None, available=None) -> Plan:
     )
 
 
-def format_bytes(nbytes: int) -> str:
-    """Bytes as GB, or MB below 0.1 GB."""
-    return f"{nbytes / GB:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+def format_bytes(nbytes: float) -> str:
+    """Bytes as a short string: '2.15 GB', '188.7 MB' (decimal units from 1 MB), '16.0 KiB' below."""
+    if nbytes >= GB:
+        return f"{nbytes / GB:.2f} GB"
+    if nbytes >= 1e6:
+        return f"{nbytes / 1e6:.1f} MB"
+    return f"{nbytes / 1024:.1f} KiB"
 
 
 # --- Planning without weights: local directories and full-size names --------------------------------------------

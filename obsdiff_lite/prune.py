@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 METHODS = ("obs-diff", "sparsegpt", "wanda", "magnitude", "l1-norm")
 STRUCTURED_METHODS = ("obs-diff", "l1-norm")
 CALIBRATIONS = ("exact", "cached")  # pattern "structured": whole heads and FFN neurons
-HEAD_SELECTIONS = ("saliency", "trajectory")  # structured: how heads are chosen (structured.prune_heads_obs)
+HEAD_SELECTIONS = ("saliency", "trajectory")
+PER_BLOCK = "blocks"  # packages="blocks": one module package per transformer block  # structured: how heads are chosen (structured.prune_heads_obs)
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "data" / "prompts"
 
 
@@ -56,7 +57,7 @@ class PruneConfig:
     trajectory_prompts: int = 4  # trajectory selection: calibration prompts sampled per trial
     weighting: str = "log-decrease"
     weight_range: tuple[float, float] = (0.8, 1.2)
-    packages: int = 4
+    packages: int | str = 4  # module packages, or "blocks": one per transformer block
     num_prompts: int = 16
     prompts: list[str] | None = None  # explicit prompts (overrides num_prompts / the default source)
     steps: int | None = None  # default: the model's generation.json (or the pipeline default)
@@ -131,8 +132,9 @@ class PruneConfig:
         lo, hi = self.weight_range
         if not (0 <= lo <= hi):
             raise ValueError(f"--weight-range needs 0 <= MIN <= MAX, got {lo} {hi}")
-        if self.packages < 1:
-            raise ValueError(f"packages must be >= 1, got {self.packages}")
+        if self.packages != PER_BLOCK and (isinstance(self.packages, bool) or not isinstance(self.packages, int)
+                                           or self.packages < 1):
+            raise ValueError(f"packages must be an integer >= 1 or {PER_BLOCK!r} (one per block), got {self.packages!r}")
         if self.prompts is not None and not self.prompts:
             raise ValueError("the prompt list is empty; give at least one prompt")
         if self.prompts is None and self.num_prompts < 1:
@@ -187,9 +189,13 @@ def default_prompts(pipe, num: int, seed: int) -> list[str]:
     return prompts[:num]
 
 
-def package_units(selected: list[Block], num_packages: int) -> list[list[list[Target]]]:
-    """Units of the selected blocks in block order, cut into ``num_packages`` contiguous near-equal chunks."""
-    units = [[Target(b, group) for group in unit] for b in selected for unit in block_units(b)]
+def package_units(selected: list[Block], num_packages: int | str) -> list[list[list[Target]]]:
+    """Units of the selected blocks in block order, cut into ``num_packages`` contiguous near-equal chunks
+    (``"blocks"``: one package per block, whatever its number of units)."""
+    per_block = [[[Target(b, group) for group in unit] for unit in block_units(b)] for b in selected]
+    if num_packages == PER_BLOCK:
+        return [units for units in per_block if units]
+    units = [unit for block_units_ in per_block for unit in block_units_]
     if num_packages > len(units):
         raise ValueError(
             f"packages={num_packages} but the selected blocks have only {len(units)} units; use 1..{len(units)}"

@@ -269,8 +269,15 @@ def structured_units(selected: list[Block]) -> list[StructuredUnit]:
     return units
 
 
-def split_packages(units: list[StructuredUnit], num_packages: int) -> list[list[StructuredUnit]]:
-    """Cut the units into ``num_packages`` contiguous near-equal module packages."""
+def split_packages(units: list[StructuredUnit], num_packages: int | str) -> list[list[StructuredUnit]]:
+    """Cut the units into ``num_packages`` contiguous near-equal module packages ("blocks": one per block)."""
+    if num_packages == "blocks":
+        packages: list[list[StructuredUnit]] = []
+        for unit in units:
+            if not packages or packages[-1][0].block.index != unit.block.index:
+                packages.append([])
+            packages[-1].append(unit)
+        return packages
     if num_packages > len(units):
         raise ValueError(
             f"packages={num_packages} but the selected blocks have only {len(units)} structured units "

@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
 from .arch import arch_for_transformer, block_units, blocks, get_linear, parse_block_range
+from .plan import format_bytes  # noqa: F401  (re-exported for the notebooks)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -484,15 +485,6 @@ def trajectory_cache_bytes(num_prompts: int, steps: int, image_tokens: int, text
                            cfg: int = 2, bytes_per_value: int = 2) -> int:
     """Block-input cache of ``calibration='cached'``: hidden + text states + temb per prompt, CFG half and step."""
     return num_prompts * cfg * steps * (image_tokens + text_tokens + 1) * hidden * bytes_per_value
-
-
-def format_bytes(n: float) -> str:
-    """Bytes as a short human string: '16.0 KiB', '2.15 GB' (decimal GB/MB above 1 MB, KiB below)."""
-    if n >= 1e9:
-        return f"{n / 1e9:.2f} GB"
-    if n >= 1e6:
-        return f"{n / 1e6:.1f} MB"
-    return f"{n / 1024:.1f} KiB"
 
 
 def full_size_geometry(transformer: nn.Module, resolution: int = 512) -> dict[str, int]:

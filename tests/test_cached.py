@@ -74,3 +74,24 @@ def test_plan_counts_a_disk_cache_on_disk(random_sd3_dir):
     pipe = load_pipeline(random_sd3_dir)
     plan = plan_memory(pipe, PruneConfig(sparsity=0.5, calibration="cached", cache_device="disk", **FAST))
     assert "disk" in plan.devices and plan.peak_bytes("disk") > 0
+
+
+def test_propagated_hessians_equal_exact_ones_when_nothing_changes(random_dir, monkeypatch):
+    """Sparsity 0 leaves every weight as it is, so exact mode re-samples the dense trajectory for every package and
+    cached mode's block-by-block inputs must give the same Hessians for every package (later ones propagated)."""
+    import obsdiff_lite.prune as prune_module
+
+    seen: dict[str, dict[str, torch.Tensor]] = {"exact": {}, "cached": {}}
+    original = prune_module._prune_linear
+
+    def recording(linear, name, config, n, m, acc):
+        seen[config.calibration][name] = acc.hessian.clone()
+        return original(linear, name, config, n, m, acc)
+
+    monkeypatch.setattr(prune_module, "_prune_linear", recording)
+    for mode in ("exact", "cached"):
+        prune(load_pipeline(random_dir), PruneConfig(sparsity=0.0, packages="blocks", calibration=mode, **FAST),
+              progress=False)
+    assert seen["exact"].keys() == seen["cached"].keys() and len(seen["exact"]) > 8
+    for name, exact in seen["exact"].items():
+        assert torch.allclose(seen["cached"][name], exact, rtol=1e-4, atol=1e-6), name

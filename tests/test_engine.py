@@ -159,6 +159,25 @@ def test_package_units_keep_parallel_sets_together(random_sd3_dir):
         package_units(selected, 1000)
 
 
+def test_one_package_per_block_follows_block_boundaries(random_flux_dir):
+    """Flux blocks have 4 (joint) or 2 (single) units: "blocks" packages follow blocks, not unit counts."""
+    from obsdiff_lite.cli import _packages
+    from obsdiff_lite.structured import split_packages, structured_units
+
+    pipe = load_pipeline(random_flux_dir)
+    selected = blocks(pipe.transformer)
+    packages = package_units(selected, "blocks")
+    assert [{t.block.index for unit in pkg for t in unit} for pkg in packages] == [{b.index} for b in selected]
+    assert [len(pkg) for pkg in packages] == [len(block_units(b)) for b in selected]
+    structured = split_packages(structured_units(selected), "blocks")
+    assert [[u.block.index for u in pkg] for pkg in structured] == [[b.index] * len(pkg) for b, pkg in
+                                                                     zip(selected, structured)]
+    assert _packages("blocks") == "blocks" and _packages("3") == 3
+    report = prune(pipe, PruneConfig(packages="blocks", num_prompts=2, steps=2, batch_size=2), progress=False)
+    assert report["num_packages"] == len(selected)
+    assert {v["package"] for v in report["layers"].values()} == set(range(len(selected)))
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -167,6 +186,7 @@ def test_package_units_keep_parallel_sets_together(random_sd3_dir):
         (dict(method="random"), "obs-diff"),
         (dict(weighting="quadratic"), "log-decrease"),
         (dict(packages=0), "packages"),
+        (dict(packages="all"), "one per block"),
         (dict(blocks="9:3"), "blocks"),
         (dict(prompts=[]), "empty"),
     ],
