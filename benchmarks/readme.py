@@ -106,8 +106,9 @@ def render_quality() -> str:
                 cells.append(_cell(r.get("full")) if r else "–")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
+    seeds = max(len(r["seeds"]) for r in data["rows"])
     lines.append(f"Full ShapeBench adherence on {data['eval_prompts']} fixed evaluation prompts; mean ± 95% "
-                 f"t-interval over calibration seeds (magnitude uses no data: one run); {data['calibration_prompts']} "
+                 f"t-interval over {seeds} calibration seeds (magnitude uses no data: one run); {data['calibration_prompts']} "
                  "calibration prompts, 4 packages. Produced by `python benchmarks/run.py quality` "
                  "(`benchmarks/results/quality.json`, `.csv`).")
     return "\n".join(lines)
