@@ -237,6 +237,40 @@ def render_head_diagnosis() -> str:
     return "\n".join(lines)
 
 
+def render_hessian_inputs() -> str:
+    """Plain (paper) vs CFG-combined ("guided") Hessian inputs, paired over the same calibration seeds."""
+    guided, quality, paper = _rows("hessian_inputs"), _rows("quality"), _rows("paper_calibration")
+    if not guided:
+        return "_not measured yet: run `python benchmarks/run.py hessian_inputs`_"
+    dense = _load("quality").get("dense", {})
+    lines = ["| model | calibration prompts | pattern | OBS-Diff, plain Hessians (paper) | OBS-Diff, guided Hessians | "
+             "guided − plain | share of dense adherence (plain → guided) |", "|---|---|---|---|---|---|---|"]
+
+    def add(model, prompts, pattern, sparsity, plain, g):
+        if not plain or not g:
+            return
+        d = dense.get(model, {}).get("full")
+        share = f"{plain['full']['mean'] / d:.1%} → {g['full']['mean'] / d:.1%}" if d else "–"
+        label = f"{sparsity:.0%}" if sparsity else pattern
+        lines.append(f"| {model} | {prompts} | {label} | {_cell(plain['full'])} | {_cell(g['full'])} | "
+                     f"{_fmt(compare(g, plain))} | {share} |")
+
+    for model in MODELS_ORDER:
+        for pattern, sparsity in (("unstructured", 0.5), ("unstructured", 0.6), ("2:4", None)):
+            find = dict(model=model, method="obs-diff", pattern=pattern, sparsity=sparsity)
+            add(model, 16, pattern, sparsity, _find(quality, **find), _find(guided, **find))
+    for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
+        find = dict(model="tiny-sd3", pattern=pattern, sparsity=sparsity, num_prompts=100)
+        add("tiny-sd3", 100, pattern, sparsity, _find(paper, hessian_inputs="plain", **find),
+            _find(paper, hessian_inputs="guided", **find))
+    lines.append("")
+    seeds = max(len(r["seeds"]) for r in guided)
+    lines.append(f"Full adherence, {seeds} calibration seeds, paired differences (same seeds and evaluation prompts), 4 packages; "
+                 "the plain 16-prompt rows are the quality table's OBS-Diff rows. `python benchmarks/run.py "
+                 "hessian_inputs` and `python benchmarks/run.py paper_calibration`.")
+    return "\n".join(lines)
+
+
 def render_structured_selection() -> str:
     """Heads chosen by fused OBS saliencies (the paper) vs by trajectory error (beyond the paper), against L1-norm."""
     rows = _rows("structured_selection")
@@ -255,7 +289,8 @@ def render_structured_selection() -> str:
                          f"{_fmt(compare(traj, l1))} | {_fmt(compare(traj, sal))} | "
                          f"{sal['prune_wall_s']['mean']:.1f} / {traj['prune_wall_s']['mean']:.1f} |")
     lines.append("")
-    lines.append("Full adherence, 3 calibration seeds (L1-norm needs none), 2 packages, heads and FFN neurons of blocks "
+    seeds = max(len(r["seeds"]) for r in rows)
+    lines.append(f"Full adherence, {seeds} calibration seeds (L1-norm needs none), 2 packages, heads and FFN neurons of blocks "
                  "1..N-2. Trajectory selection tries the 4 cheapest heads by fused saliency and keeps the removal that "
                  "moves the final latents of 4 calibration prompts least (`--head-selection trajectory`). "
                  "`python benchmarks/run.py structured_selection`.")
@@ -593,7 +628,7 @@ def render_claims() -> str:
     return "\n".join(rows)
 
 
-RENDERERS = {"claims": render_claims, "gpu": render_gpu, "structured_selection": render_structured_selection, "head_diagnosis": render_head_diagnosis, "cached_projection": render_cached_projection, "structured_parts": render_structured_parts,
+RENDERERS = {"claims": render_claims, "gpu": render_gpu, "structured_selection": render_structured_selection, "head_diagnosis": render_head_diagnosis, "hessian_inputs": render_hessian_inputs, "cached_projection": render_cached_projection, "structured_parts": render_structured_parts,
              "calibration_size": render_calibration_size, "speed": render_speed, "tiny_world": render_tiny_world, "demo": render_demo, "quality": render_quality,
              "weighting": render_weighting, "packages": render_packages, "structured": render_structured,
              "overhead": render_overhead}

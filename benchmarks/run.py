@@ -94,6 +94,16 @@ def experiment_runs(name: str) -> list[dict]:
                 for selection in ("saliency", "trajectory"):
                     runs += [dict(model=model, method="obs-diff", pattern="structured", sparsity=sparsity, seed=s,
                                   packages=2, head_selection=selection) for s in range(3)]
+    elif name == "hessian_inputs":  # beyond the paper: Hessians of the CFG-combined inputs (paired with "quality")
+        for model in MODELS:
+            for pattern, sparsity in (("unstructured", 0.5), ("unstructured", 0.6), ("2:4", None)):
+                runs += [dict(model=model, method="obs-diff", pattern=pattern, sparsity=sparsity, seed=s,
+                              hessian_inputs="guided") for s in range(5)]
+    elif name == "paper_calibration":  # the paper's 100 calibration prompts (the other sweeps use 16 for CPU time)
+        for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
+            for inputs in ("plain", "guided"):
+                runs += [dict(model="tiny-sd3", method="obs-diff", pattern=pattern, sparsity=sparsity, seed=s,
+                              num_prompts=100, hessian_inputs=inputs) for s in range(5)]
     else:
         raise SystemExit(f"unknown experiment {name!r}")
     return runs
@@ -252,7 +262,8 @@ def plots() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=["quality", "weighting", "packages", "calibration_size", "structured", "structured_parts", "structured_selection", "summarize",
+    parser.add_argument("experiment", choices=["quality", "weighting", "packages", "calibration_size", "structured", "structured_parts", "structured_selection", "hessian_inputs", "paper_calibration",
+                                               "summarize",
                                                "plots"])
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th run starting at i")
     parser.add_argument("--threads", type=int, default=1)

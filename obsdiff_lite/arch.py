@@ -56,6 +56,10 @@ class ArchSpec:
     block_lists: tuple[tuple[str, BlockSpec], ...]  # (attribute on the transformer, spec), in forward order
     timestep_scale: float  # multiply the transformer's `timestep` argument by this to get scheduler units
     pipeline_kwargs: tuple[tuple[str, object], ...] = ()  # from_pretrained extras (e.g. no T5 for tiny SD3)
+    # How the pipeline runs classifier-free guidance: "batch" = one call with [uncond; cond] along dim 0 (SD3),
+    # "calls" = a cond call, then an uncond call (Flux true CFG); and which call argument holds the scale.
+    cfg_layout: str = "batch"
+    cfg_scale_key: str = "guidance_scale"
 
 
 _JOINT_UNITS: tuple[Unit, ...] = (
@@ -96,6 +100,8 @@ FLUX = ArchSpec(
     transformer_class="FluxTransformer2DModel",
     block_lists=(("transformer_blocks", JOINT_BLOCK), ("single_transformer_blocks", FLUX_SINGLE_BLOCK)),
     timestep_scale=1000.0,  # Flux passes timestep / 1000
+    cfg_layout="calls",
+    cfg_scale_key="true_cfg_scale",  # Flux.1-dev itself is guidance-distilled (no true CFG) by default
 )
 
 ARCHS: dict[str, ArchSpec] = {a.name: a for a in (SD3, FLUX)}

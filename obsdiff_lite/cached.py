@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import ArchSpec, Block, blocks
-from .calibrate import StepTracker, collect_hessians
+from .calibrate import StepTracker, collect_hessians, guided_inputs
 from .hessian import HessianAccumulator
 from .pipelines import run_pipeline
 
@@ -134,7 +134,8 @@ def cache_nbytes(cache: list[CachedCall]) -> int:
 def run_cached(pipe, arch: ArchSpec, packages: list[list[tuple[Block, dict[str, nn.Linear]]]], prompts: list[str],
                call: dict, prune_package: Callable[[int, dict[str, HessianAccumulator]], None], *,
                weighting: str, weight_range: tuple[float, float], seed: int, batch_size: int,
-               hessian_device=None, cache_device=None, refresh_every: int = 0, progress: bool = True) -> dict:
+               hessian_device=None, cache_device=None, refresh_every: int = 0, progress: bool = True,
+               hessian_inputs: str = "plain") -> dict:
     """Calibrate and prune package by package on cached block inputs; return cache/pass statistics.
 
     ``packages[p]`` lists (block, {key: first linear of an input group}) for the blocks that package p
@@ -144,13 +145,14 @@ def run_cached(pipe, arch: ArchSpec, packages: list[list[tuple[Block, dict[str, 
     try:
         return _run_cached(pipe, arch, packages, prompts, call, prune_package, store, weighting=weighting,
                            weight_range=weight_range, seed=seed, batch_size=batch_size,
-                           hessian_device=hessian_device, refresh_every=refresh_every, progress=progress)
+                           hessian_device=hessian_device, refresh_every=refresh_every, progress=progress,
+                           guided=guided_inputs(arch, call, hessian_inputs))
     finally:
         store.close()
 
 
 def _run_cached(pipe, arch, packages, prompts, call, prune_package, store: CacheStore, *, weighting, weight_range,
-                seed, batch_size, hessian_device, refresh_every, progress) -> dict:
+                seed, batch_size, hessian_device, refresh_every, progress, guided) -> dict:
     all_blocks = blocks(pipe.transformer, arch)
     tracker = StepTracker(pipe.scheduler, arch.timestep_scale, weighting, weight_range)
     first = packages[0][0][0]
@@ -158,7 +160,8 @@ def _run_cached(pipe, arch, packages, prompts, call, prune_package, store: Cache
     # itself, which saves one pass through its blocks.
     first_groups = {k: lin for _, g in packages[0] for k, lin in g.items()}
     first_tracker = StepTracker(pipe.scheduler, arch.timestep_scale, weighting, weight_range)
-    with collect_hessians(pipe.transformer, arch, first_groups, first_tracker, hessian_device) as first_accumulators:
+    with collect_hessians(pipe.transformer, arch, first_groups, first_tracker, hessian_device,
+                          guided) as first_accumulators:
         cache = capture_block_inputs(pipe, arch, first, prompts, call, seed, batch_size, store, progress)
     cache_block = first.index  # the cache holds the inputs of this block
     stats = {"trajectory_passes": 1, "cache_bytes": cache_nbytes(cache), "cache_calls": len(cache)}
@@ -176,7 +179,7 @@ def _run_cached(pipe, arch, packages, prompts, call, prune_package, store: Cache
             cache_block = start
         groups = {k: lin for _, g in package for k, lin in g.items()}
         tracker.weights = None
-        with collect_hessians(pipe.transformer, arch, groups, tracker, hessian_device) as accumulators:
+        with collect_hessians(pipe.transformer, arch, groups, tracker, hessian_device, guided) as accumulators:
             # The transformer itself is not called here: the step index comes from the cache instead.
             propagate(cache, all_blocks[start : end + 1], keep=False, on_call=lambda r: _set_step(tracker, r))
             prune_package(p, accumulators)

@@ -9,6 +9,7 @@ per step, and skip-layer guidance adds more. The step weight is then an explicit
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -57,17 +58,64 @@ class StepTracker:
         self.observe(timestep)
 
 
+HESSIAN_INPUTS = ("plain", "guided")
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GuidedInputs:
+    """Combines a layer's two CFG halves the way the pipeline combines the predictions: s*x_cond + (1-s)*x_uncond.
+
+    Beyond the paper. To first order a weight change dW moves the guided prediction by J dW x_guided (J the
+    rest of the network, about the same for both halves), so the layer loss that matters for the sample is
+    ||dW x_guided||^2: its Hessian is built from these combined inputs instead of from both halves.
+    """
+
+    layout: str  # "batch" (one call, [uncond; cond]) | "calls" (a cond call, then an uncond call)
+    scale: float
+    pending: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __call__(self, key: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The combined inputs, or None while the cond half of a "calls" pair waits for its uncond half."""
+        if self.layout == "batch":
+            if x.shape[0] % 2:
+                raise RuntimeError(f"{key}: a CFG batch must hold uncond and cond halves, got batch {x.shape[0]}")
+            uncond, cond = x.chunk(2, dim=0)
+        elif key not in self.pending:
+            self.pending[key] = x.detach().clone()
+            return None
+        else:
+            cond, uncond = self.pending.pop(key), x
+        return self.scale * cond + (1.0 - self.scale) * uncond
+
+
+def guided_inputs(arch: ArchSpec, call: dict, hessian_inputs: str) -> GuidedInputs | None:
+    """A GuidedInputs for ``hessian_inputs="guided"`` when the call really uses CFG; None (plain Hessians) otherwise."""
+    if hessian_inputs not in HESSIAN_INPUTS:
+        raise ValueError(f"unknown hessian inputs {hessian_inputs!r}; choose one of {', '.join(HESSIAN_INPUTS)}")
+    if hessian_inputs == "plain":
+        return None
+    scale = float(call.get(arch.cfg_scale_key) or 1.0)
+    if scale <= 1.0:
+        log.warning("hessian_inputs='guided' but %s=%g: the pipeline runs without classifier-free guidance, so the "
+                    "Hessians use the plain inputs", arch.cfg_scale_key, scale)
+        return None
+    return GuidedInputs(arch.cfg_layout, scale)
+
+
 @contextmanager
 def collect_hessians(transformer: nn.Module, arch: ArchSpec, groups: dict[str, nn.Linear], tracker: StepTracker,
-                     hessian_device: torch.device | str | None = None):
-    """Within the block, every forward of ``groups[key]`` adds its input to ``accumulators[key]``."""
+                     hessian_device: torch.device | str | None = None, guided: GuidedInputs | None = None):
+    """Within the block, every forward of ``groups[key]`` adds its input (or, with ``guided``, the CFG-combined
+    input of both halves) to ``accumulators[key]``."""
     accumulators: dict[str, HessianAccumulator] = {}
     handles = [transformer.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True)]
 
     def make_hook(key: str, acc: HessianAccumulator):
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            acc.add_batch(x.reshape(-1, x.shape[-1]), tracker.weight, name=key)
+            x = args[0] if guided is None else guided(key, args[0])
+            if x is not None:
+                acc.add_batch(x.reshape(-1, x.shape[-1]), tracker.weight, name=key)
 
         return hook
 
@@ -85,8 +133,8 @@ def collect_hessians(transformer: nn.Module, arch: ArchSpec, groups: dict[str, n
 
 def calibrate(pipe, arch: ArchSpec, groups: dict[str, nn.Linear], prompts: list[str], call: dict, *,
               weighting: str = "log-decrease", weight_range: tuple[float, float] = (0.8, 1.2), seed: int = 0,
-              batch_size: int = 8, hessian_device=None, progress: bool = True, desc: str = "calibrating"
-              ) -> dict[str, HessianAccumulator]:
+              batch_size: int = 8, hessian_device=None, progress: bool = True, desc: str = "calibrating",
+              hessian_inputs: str = "plain") -> dict[str, HessianAccumulator]:
     """One calibration pass of the full pipeline over ``prompts``: timestep-weighted Hessians per input group.
 
     Under torch.distributed (world > 1) each rank runs only its shard of the prompts (global seeds
@@ -95,7 +143,8 @@ def calibrate(pipe, arch: ArchSpec, groups: dict[str, nn.Linear], prompts: list[
     rank, world = rank_and_world()
     indexed = shard(prompts, rank, world) if world > 1 else list(enumerate(prompts))
     tracker = StepTracker(pipe.scheduler, arch.timestep_scale, weighting, weight_range)
-    with collect_hessians(pipe.transformer, arch, groups, tracker, hessian_device) as accumulators:
+    guided = guided_inputs(arch, call, hessian_inputs)
+    with collect_hessians(pipe.transformer, arch, groups, tracker, hessian_device, guided) as accumulators:
         # The latents are all we need: skipping the VAE decode saves time and changes nothing upstream.
         run_pipeline(pipe, [p for _, p in indexed], seed, call, batch_size, output_type="latent", progress=progress,
                      desc=desc, seeds=[seed + i for i, _ in indexed])

@@ -77,6 +77,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hessian-device", default=None, help="keep Hessians here (e.g. cpu) while the model runs on --device")
     p.add_argument("--calibration", default="exact",
                    help="exact (the paper: one full trajectory per package) | cached (one trajectory, block-wise)")
+    p.add_argument("--hessian-inputs", default="plain",
+                   help="plain: Hessians from both CFG halves (the paper) | guided: from s*x_cond + (1-s)*x_uncond, "
+                        "the inputs combined as CFG combines the predictions (beyond the paper)")
     p.add_argument("--refresh-every", type=int, default=0, help="cached mode: re-run the trajectory every K packages")
     p.add_argument("--cache-device", default=None, help="cached mode: keep block inputs here: cpu, or disk / disk:/DIR (memory-mapped files)")
     _add_model_args(p)
@@ -98,6 +101,7 @@ def _prune_config(args):
         prompts=prompts, steps=args.steps, guidance=args.guidance, seed=args.seed, blocks=args.blocks,
         damp=args.damp, batch_size=args.batch_size, hessian_device=args.hessian_device,
         calibration=args.calibration, refresh_every=args.refresh_every, cache_device=args.cache_device,
+        hessian_inputs=args.hessian_inputs,
     )
 
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .arch import Block, arch_for_transformer, block_units, blocks, get_linear, parse_block_range
 from .baselines import magnitude_prune, wanda_prune
-from .calibrate import calibrate
+from .calibrate import HESSIAN_INPUTS, calibrate
 from .distributed import all_equal, broadcast_module_, rank_and_world
 from .hessian import wanda_input_norm
 from .obs import check_sparsity_args, parse_pattern, sparsify_weight
@@ -71,6 +71,7 @@ class PruneConfig:
     calibration: str = "exact"  # exact: the paper's re-run per package | cached: one trajectory (cached.py)
     refresh_every: int = 0  # cached mode: re-run the trajectory with the current model every K packages
     cache_device: str | None = None  # cached mode: where block inputs are kept (default: the model's device)
+    hessian_inputs: str = "plain"  # plain: both CFG halves (paper) | guided: s*x_cond + (1-s)*x_uncond (calibrate.py)
 
     def validate(self) -> None:
         """Refuse impossible settings with one readable line each."""
@@ -121,6 +122,8 @@ class PruneConfig:
 
     def _validate_common(self) -> None:
         """Settings shared by every pattern."""
+        if self.hessian_inputs not in HESSIAN_INPUTS:
+            raise ValueError(f"unknown hessian inputs {self.hessian_inputs!r}; choose one of {', '.join(HESSIAN_INPUTS)}")
         if self.calibration not in CALIBRATIONS:
             raise ValueError(f"unknown calibration {self.calibration!r}; choose one of {', '.join(CALIBRATIONS)}")
         if self.calibration == "cached" and self.pattern == "structured":
@@ -309,7 +312,7 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
             pipe, arch, [_groups_by_block(ts) for ts in package_targets], prompts, call, prune_package,
             weighting=config.effective_weighting, weight_range=tuple(config.weight_range), seed=config.seed,
             batch_size=config.batch_size, hessian_device=config.hessian_device, cache_device=config.cache_device,
-            refresh_every=config.refresh_every, progress=progress,
+            refresh_every=config.refresh_every, progress=progress, hessian_inputs=config.hessian_inputs,
         )
     else:
         for p in tqdm(range(len(packages)), desc="packages", disable=not progress):
@@ -321,6 +324,7 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
                     pipe, arch, groups, prompts, call, weighting=config.effective_weighting,
                     weight_range=tuple(config.weight_range), seed=config.seed, batch_size=config.batch_size,
                     hessian_device=config.hessian_device, progress=progress, desc=f"package {p + 1}/{len(packages)}",
+                    hessian_inputs=config.hessian_inputs,
                 )
                 timings["calibration_s"] += time.perf_counter() - t0
             prune_package(p, accumulators)

@@ -503,6 +503,7 @@ def prune_structured(pipe, config: PruneConfig, progress: bool = True) -> dict:
                 pipe, arch, groups, prompts, call, weighting=config.effective_weighting,
                 weight_range=tuple(config.weight_range), seed=config.seed, batch_size=config.batch_size,
                 hessian_device=config.hessian_device, progress=progress, desc=f"package {p + 1}/{len(packages)}",
+                hessian_inputs=config.hessian_inputs,
             )
             hessians = {name: acc.hessian for name, acc in accumulators.items()}
             timings["calibration_s"] += time.perf_counter() - t0

@@ -204,3 +204,47 @@ def test_block_range_parsing():
     for bad in ("5", "3:3", "0:25", "a:b"):
         with pytest.raises(ValueError, match="blocks"):
             parse_block_range(bad, 24)
+
+
+def test_guided_inputs_combine_the_cfg_halves_like_the_pipeline():
+    from obsdiff_lite.calibrate import GuidedInputs
+
+    g = torch.Generator().manual_seed(0)
+    uncond, cond = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    batch = GuidedInputs("batch", 4.0)  # SD3: one call, [uncond; cond]
+    assert torch.allclose(batch("k", torch.cat([uncond, cond])), 4.0 * cond - 3.0 * uncond)
+    calls = GuidedInputs("calls", 3.5)  # Flux true CFG: a cond call, then an uncond call
+    assert calls("k", cond) is None and "k" in calls.pending
+    assert torch.allclose(calls("k", uncond), 3.5 * cond - 2.5 * uncond) and not calls.pending
+    with pytest.raises(RuntimeError, match="halves"):
+        batch("k", torch.randn(3, 5, 8))
+
+
+def test_guided_hessians_end_to_end(random_dir, caplog, monkeypatch):
+    """--hessian-inputs guided: one combined row per CFG pair (half the rows), different weights, same sparsity;
+    without CFG it falls back to plain Hessians with a warning."""
+    import obsdiff_lite.prune as prune_module
+    from obsdiff_lite.calibrate import guided_inputs
+
+    rows: dict[str, dict[str, int]] = {"plain": {}, "guided": {}}
+    original = prune_module._prune_linear
+
+    def recording(linear, name, config, n, m, acc):
+        rows[config.hessian_inputs][name] = acc.num_rows
+        return original(linear, name, config, n, m, acc)
+
+    monkeypatch.setattr(prune_module, "_prune_linear", recording)
+    weights = {}
+    for mode in ("plain", "guided"):
+        pipe = load_pipeline(random_dir)
+        report = prune(pipe, PruneConfig(hessian_inputs=mode, num_prompts=2, steps=2, batch_size=2), progress=False)
+        assert abs(report["achieved_sparsity"] - 0.5) < 0.005
+        weights[mode] = pipe.transformer.transformer_blocks[1].attn.to_out[0].weight.detach().clone()
+    assert all(rows["guided"][k] * 2 == rows["plain"][k] for k in rows["plain"])
+    assert not torch.equal(weights["plain"], weights["guided"])
+    arch = arch_for_transformer(pipe.transformer)
+    with caplog.at_level("WARNING"):
+        assert guided_inputs(arch, {arch.cfg_scale_key: 1.0}, "guided") is None
+    assert "without classifier-free guidance" in caplog.text
+    with pytest.raises(ValueError, match="unknown hessian inputs"):
+        PruneConfig(hessian_inputs="both").validate()
