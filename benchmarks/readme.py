@@ -238,36 +238,42 @@ def render_head_diagnosis() -> str:
 
 
 def render_hessian_inputs() -> str:
-    """Plain (paper) vs CFG-combined ("guided") Hessian inputs, paired over the same calibration seeds."""
+    """Plain (paper) vs CFG-combined ("guided", "guided-image") Hessian inputs, paired over the same seeds."""
     guided, quality, paper = _rows("hessian_inputs"), _rows("quality"), _rows("paper_calibration")
     if not guided:
         return "_not measured yet: run `python benchmarks/run.py hessian_inputs`_"
     dense = _load("quality").get("dense", {})
-    lines = ["| model | calibration prompts | pattern | OBS-Diff, plain Hessians (paper) | OBS-Diff, guided Hessians | "
-             "guided − plain | share of dense adherence (plain → guided) |", "|---|---|---|---|---|---|---|"]
+    variants = ("guided", "guided-image")
+    lines = ["| model | calibration prompts | pattern | plain (paper) | " + " | ".join(variants) + " | "
+             + " | ".join(f"{v} − plain" for v in variants) + " | share of dense: plain / " + " / ".join(variants) + " |",
+             "|---" * (5 + 2 * len(variants)) + "|"]
 
-    def add(model, prompts, pattern, sparsity, plain, g):
-        if not plain or not g:
+    def add(model, prompts, pattern, sparsity, plain, rows):
+        if not plain or not all(rows):
             return
         d = dense.get(model, {}).get("full")
-        share = f"{plain['full']['mean'] / d:.1%} → {g['full']['mean'] / d:.1%}" if d else "–"
+        shares = " / ".join(f"{r['full']['mean'] / d:.1%}" for r in (plain, *rows)) if d else "–"
         label = f"{sparsity:.0%}" if sparsity else pattern
-        lines.append(f"| {model} | {prompts} | {label} | {_cell(plain['full'])} | {_cell(g['full'])} | "
-                     f"{_fmt(compare(g, plain))} | {share} |")
+        lines.append(f"| {model} | {prompts} | {label} | {_cell(plain['full'])} | "
+                     + " | ".join(_cell(r["full"]) for r in rows) + " | "
+                     + " | ".join(_fmt(compare(r, plain)) for r in rows) + f" | {shares} |")
 
     for model in MODELS_ORDER:
         for pattern, sparsity in (("unstructured", 0.5), ("unstructured", 0.6), ("2:4", None)):
             find = dict(model=model, method="obs-diff", pattern=pattern, sparsity=sparsity)
-            add(model, 16, pattern, sparsity, _find(quality, **find), _find(guided, **find))
+            add(model, 16, pattern, sparsity, _find(quality, **find),
+                [_find(guided, hessian_inputs=v, **find) for v in variants])
     for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
         find = dict(model="tiny-sd3", pattern=pattern, sparsity=sparsity, num_prompts=100)
         add("tiny-sd3", 100, pattern, sparsity, _find(paper, hessian_inputs="plain", **find),
-            _find(paper, hessian_inputs="guided", **find))
-    lines.append("")
+            [_find(paper, hessian_inputs=v, **find) for v in variants])
     seeds = max(len(r["seeds"]) for r in guided)
-    lines.append(f"Full adherence, {seeds} calibration seeds, paired differences (same seeds and evaluation prompts), 4 packages; "
-                 "the plain 16-prompt rows are the quality table's OBS-Diff rows. `python benchmarks/run.py "
-                 "hessian_inputs` and `python benchmarks/run.py paper_calibration`.")
+    lines.append("")
+    lines.append(f"OBS-Diff, full adherence, {seeds} calibration seeds, differences paired over the same seeds and "
+                 "evaluation prompts, 4 packages; the plain 16-prompt rows are the quality table's OBS-Diff rows. "
+                 "`guided` combines the CFG halves of every layer's input, `guided-image` only of the layers that "
+                 "read image tokens alone (joint blocks' image stream). `python benchmarks/run.py hessian_inputs` and "
+                 "`python benchmarks/run.py paper_calibration`.")
     return "\n".join(lines)
 
 

@@ -95,13 +95,14 @@ def experiment_runs(name: str) -> list[dict]:
                     runs += [dict(model=model, method="obs-diff", pattern="structured", sparsity=sparsity, seed=s,
                                   packages=2, head_selection=selection) for s in range(3)]
     elif name == "hessian_inputs":  # beyond the paper: Hessians of the CFG-combined inputs (paired with "quality")
-        for model in MODELS:
-            for pattern, sparsity in (("unstructured", 0.5), ("unstructured", 0.6), ("2:4", None)):
-                runs += [dict(model=model, method="obs-diff", pattern=pattern, sparsity=sparsity, seed=s,
-                              hessian_inputs="guided") for s in range(5)]
+        for inputs in ("guided", "guided-image"):
+            for model in MODELS:
+                for pattern, sparsity in (("unstructured", 0.5), ("unstructured", 0.6), ("2:4", None)):
+                    runs += [dict(model=model, method="obs-diff", pattern=pattern, sparsity=sparsity, seed=s,
+                                  hessian_inputs=inputs) for s in range(5)]
     elif name == "paper_calibration":  # the paper's 100 calibration prompts (the other sweeps use 16 for CPU time)
         for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
-            for inputs in ("plain", "guided"):
+            for inputs in ("plain", "guided", "guided-image"):
                 runs += [dict(model="tiny-sd3", method="obs-diff", pattern=pattern, sparsity=sparsity, seed=s,
                               num_prompts=100, hessian_inputs=inputs) for s in range(5)]
     else:

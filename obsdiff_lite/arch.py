@@ -44,6 +44,7 @@ class BlockSpec:
     units: tuple[Unit, ...]
     heads: HeadSpec | None = None
     ffns: tuple[FFNSpec, ...] = ()
+    image_inputs: tuple[str, ...] = ()  # input groups (first names) that read image tokens only
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ JOINT_BLOCK = BlockSpec(
         out=("attn.to_out.0", "attn.to_add_out"),
     ),
     ffns=(FFNSpec("ff.net.0.proj", "ff.net.2"), FFNSpec("ff_context.net.0.proj", "ff_context.net.2")),
+    image_inputs=("attn.to_q", "attn.to_out.0", "ff.net.0.proj", "ff.net.2"),  # the add_*/ff_context ones: text
 )
 
 FLUX_SINGLE_BLOCK = BlockSpec(
@@ -105,6 +107,15 @@ FLUX = ArchSpec(
 )
 
 ARCHS: dict[str, ArchSpec] = {a.name: a for a in (SD3, FLUX)}
+
+
+def reads_image_tokens_only(arch: ArchSpec, key: str) -> bool:
+    """Whether the input group ``key`` ("<block list>.<i>.<first linear>") reads image tokens only."""
+    for attr, spec in arch.block_lists:
+        if key.startswith(f"{attr}."):
+            name = key[len(attr) + 1 :].split(".", 1)[1]
+            return name in spec.image_inputs
+    raise ValueError(f"{key!r} is not in any block list of {arch.name} ({', '.join(a for a, _ in arch.block_lists)})")
 
 
 def arch_for_transformer(transformer: nn.Module) -> ArchSpec:

@@ -10,13 +10,14 @@ per step, and skip-layer guidance adds more. The step weight is then an explicit
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .arch import ArchSpec
+from .arch import ArchSpec, reads_image_tokens_only
 from .distributed import allreduce_accumulators, rank_and_world, shard
 from .hessian import HessianAccumulator
 from .pipelines import run_pipeline
@@ -58,7 +59,7 @@ class StepTracker:
         self.observe(timestep)
 
 
-HESSIAN_INPUTS = ("plain", "guided")
+HESSIAN_INPUTS = ("plain", "guided", "guided-image")
 log = logging.getLogger(__name__)
 
 
@@ -73,10 +74,13 @@ class GuidedInputs:
 
     layout: str  # "batch" (one call, [uncond; cond]) | "calls" (a cond call, then an uncond call)
     scale: float
+    combine: Callable[[str], bool] = lambda key: True  # which input groups are combined; the others stay plain
     pending: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __call__(self, key: str, x: torch.Tensor) -> torch.Tensor | None:
         """The combined inputs, or None while the cond half of a "calls" pair waits for its uncond half."""
+        if not self.combine(key):
+            return x
         if self.layout == "batch":
             if x.shape[0] % 2:
                 raise RuntimeError(f"{key}: a CFG batch must hold uncond and cond halves, got batch {x.shape[0]}")
@@ -100,6 +104,8 @@ def guided_inputs(arch: ArchSpec, call: dict, hessian_inputs: str) -> GuidedInpu
         log.warning("hessian_inputs='guided' but %s=%g: the pipeline runs without classifier-free guidance, so the "
                     "Hessians use the plain inputs", arch.cfg_scale_key, scale)
         return None
+    if hessian_inputs == "guided-image":  # text tokens of prompt and negative prompt are not paired positions
+        return GuidedInputs(arch.cfg_layout, scale, combine=lambda key: reads_image_tokens_only(arch, key))
     return GuidedInputs(arch.cfg_layout, scale)
 
 

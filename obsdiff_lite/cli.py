@@ -79,7 +79,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="exact (the paper: one full trajectory per package) | cached (one trajectory, block-wise)")
     p.add_argument("--hessian-inputs", default="plain",
                    help="plain: Hessians from both CFG halves (the paper) | guided: from s*x_cond + (1-s)*x_uncond, "
-                        "the inputs combined as CFG combines the predictions (beyond the paper)")
+                        "the inputs combined as CFG combines the predictions | guided-image: the same for layers that "
+                        "read image tokens only, plain for the others (both beyond the paper)")
     p.add_argument("--refresh-every", type=int, default=0, help="cached mode: re-run the trajectory every K packages")
     p.add_argument("--cache-device", default=None, help="cached mode: keep block inputs here: cpu, or disk / disk:/DIR (memory-mapped files)")
     _add_model_args(p)

@@ -71,7 +71,7 @@ class PruneConfig:
     calibration: str = "exact"  # exact: the paper's re-run per package | cached: one trajectory (cached.py)
     refresh_every: int = 0  # cached mode: re-run the trajectory with the current model every K packages
     cache_device: str | None = None  # cached mode: where block inputs are kept (default: the model's device)
-    hessian_inputs: str = "plain"  # plain: both CFG halves (paper) | guided: s*x_cond + (1-s)*x_uncond (calibrate.py)
+    hessian_inputs: str = "plain"  # plain (paper) | guided | guided-image: CFG-combined inputs (calibrate.py)
 
     def validate(self) -> None:
         """Refuse impossible settings with one readable line each."""

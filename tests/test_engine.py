@@ -248,3 +248,21 @@ def test_guided_hessians_end_to_end(random_dir, caplog, monkeypatch):
     assert "without classifier-free guidance" in caplog.text
     with pytest.raises(ValueError, match="unknown hessian inputs"):
         PruneConfig(hessian_inputs="both").validate()
+
+
+def test_guided_image_combines_only_image_token_inputs():
+    from obsdiff_lite.arch import FLUX, SD3, reads_image_tokens_only
+    from obsdiff_lite.calibrate import guided_inputs
+
+    assert reads_image_tokens_only(SD3, "transformer_blocks.3.attn.to_q")
+    assert reads_image_tokens_only(FLUX, "transformer_blocks.0.ff.net.2")
+    assert not reads_image_tokens_only(SD3, "transformer_blocks.3.attn.add_q_proj")  # text stream
+    assert not reads_image_tokens_only(FLUX, "single_transformer_blocks.2.attn.to_q")  # text and image tokens
+    with pytest.raises(ValueError, match="not in any block list"):
+        reads_image_tokens_only(SD3, "proj_out")
+    guided = guided_inputs(FLUX, {"true_cfg_scale": 4.0}, "guided-image")
+    cond, uncond = torch.ones(1, 3, 4), torch.zeros(1, 3, 4)
+    text_key = "transformer_blocks.0.ff_context.net.2"
+    assert guided(text_key, cond) is cond and guided(text_key, uncond) is uncond  # both halves, unchanged
+    image_key = "transformer_blocks.0.ff.net.2"
+    assert guided(image_key, cond) is None and torch.equal(guided(image_key, uncond), 4.0 * cond)
