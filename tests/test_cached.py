@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from obsdiff_lite.arch import arch_for_transformer, blocks
@@ -76,7 +77,8 @@ def test_plan_counts_a_disk_cache_on_disk(random_sd3_dir):
     assert "disk" in plan.devices and plan.peak_bytes("disk") > 0
 
 
-def test_propagated_hessians_equal_exact_ones_when_nothing_changes(random_dir, monkeypatch):
+@pytest.mark.parametrize("hessian_inputs", ["plain", "guided"])
+def test_propagated_hessians_equal_exact_ones_when_nothing_changes(random_dir, monkeypatch, hessian_inputs):
     """Sparsity 0 leaves every weight as it is, so exact mode re-samples the dense trajectory for every package and
     cached mode's block-by-block inputs must give the same Hessians for every package (later ones propagated)."""
     import obsdiff_lite.prune as prune_module
@@ -90,8 +92,8 @@ def test_propagated_hessians_equal_exact_ones_when_nothing_changes(random_dir, m
 
     monkeypatch.setattr(prune_module, "_prune_linear", recording)
     for mode in ("exact", "cached"):
-        prune(load_pipeline(random_dir), PruneConfig(sparsity=0.0, packages="blocks", calibration=mode, **FAST),
-              progress=False)
+        prune(load_pipeline(random_dir), PruneConfig(sparsity=0.0, packages="blocks", calibration=mode,
+                                                     hessian_inputs=hessian_inputs, **FAST), progress=False)
     assert seen["exact"].keys() == seen["cached"].keys() and len(seen["exact"]) > 8
     for name, exact in seen["exact"].items():
         assert torch.allclose(seen["cached"][name], exact, rtol=1e-4, atol=1e-6), name
