@@ -257,6 +257,18 @@ def _hidden(transformer: nn.Module) -> int:
 PackageLayers = tuple[list[int], dict[str, nn.Linear], list[list[nn.Linear]]]
 
 
+def _pending_guided_bytes(arch, groups: dict[str, nn.Linear], hessian_inputs: str, calls_per_step: int, rows: int,
+                          nbytes: int) -> int:
+    """Guided Hessians with CFG in two calls (Flux): each combined group's cond-call input waits for the uncond call."""
+    from .arch import reads_image_tokens_only
+
+    if hessian_inputs == "plain" or calls_per_step != 2:
+        return 0
+    combined = [lin.in_features for key, lin in groups.items()
+                if hessian_inputs == "guided" or reads_image_tokens_only(arch, key)]
+    return rows * sum(combined) * nbytes
+
+
 def _package_layers(transformer: nn.Module, config) -> list[PackageLayers]:
     """Per package: (block indices, {Hessian key: linear whose input it holds}, solve groups of linears).
 
@@ -343,7 +355,8 @@ def plan_memory(model, config, device="cpu", batch_size: int | None = None, num_
     config.validate()
     is_pipe = hasattr(model, "transformer")
     transformer = model.transformer if is_pipe else model
-    arch = arch_for_transformer(transformer).name
+    arch_spec = arch_for_transformer(transformer)
+    arch = arch_spec.name
     param = next(transformer.parameters())
     dtype = resolve_dtype(dtype) if dtype is not None else param.dtype
     if call is None:
@@ -386,6 +399,8 @@ def plan_memory(model, config, device="cpu", batch_size: int | None = None, num_
         activations = 0
         if needs_data:
             activations = rows * hidden * nbytes * ACTIVATION_FACTOR + rows * d_max * 4 + d_max * d_max * 4
+            activations += _pending_guided_bytes(arch_spec, groups, config.hessian_inputs, calls_per_step,
+                                                 batch * tokens, nbytes)
         solve = max((_solve_bytes(g, config.method, config.pattern) for g in solve_groups), default=0)
         solve_dev = hess_dev if structured else compute
         by_device = {compute: model_bytes + activations}

@@ -158,3 +158,22 @@ def test_plan_command(random_sd3_dir, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("obsdiff: error: ") and "\n" not in err and needle in err, err
+
+
+def test_guided_hessians_with_two_cfg_calls_plan_the_waiting_inputs(random_flux_dir, random_sd3_dir):
+    """Flux true CFG: the cond call's inputs of every combined group wait for the uncond call; SD3 batches both."""
+    flux = load_pipeline(random_flux_dir)
+    plans = {mode: plan_memory(flux, PruneConfig(hessian_inputs=mode, **FAST))
+             for mode in ("plain", "guided", "guided-image")}
+    extra = [g.activation_bytes - p.activation_bytes for g, p in zip(plans["guided"].packages, plans["plain"].packages)]
+    image = [g.activation_bytes - p.activation_bytes
+             for g, p in zip(plans["guided-image"].packages, plans["plain"].packages)]
+    rows = plans["plain"].batch_size * (plans["plain"].image_tokens + plans["plain"].text_tokens)
+    nbytes = next(flux.transformer.parameters()).element_size()
+    widths = [sum(lin.in_features for lin in groups.values())
+              for _, groups, _ in planner._package_layers(flux.transformer, PruneConfig(**FAST))]
+    assert extra == [rows * w * nbytes for w in widths]
+    assert all(0 <= i <= e for i, e in zip(image, extra)) and sum(image) < sum(extra)  # single blocks stay plain
+    sd3 = load_pipeline(random_sd3_dir)
+    assert plan_memory(sd3, PruneConfig(hessian_inputs="guided", **FAST)).peak_bytes() == \
+        plan_memory(sd3, PruneConfig(**FAST)).peak_bytes()
