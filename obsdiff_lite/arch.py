@@ -58,9 +58,12 @@ class ArchSpec:
     timestep_scale: float  # multiply the transformer's `timestep` argument by this to get scheduler units
     pipeline_kwargs: tuple[tuple[str, object], ...] = ()  # from_pretrained extras (e.g. no T5 for tiny SD3)
     # How the pipeline runs classifier-free guidance: "batch" = one call with [uncond; cond] along dim 0 (SD3),
-    # "calls" = a cond call, then an uncond call (Flux true CFG); and which call argument holds the scale.
+    # "calls" = a cond call, then an uncond call (Flux true CFG); which call argument holds the scale, the
+    # pipeline's default scale, and whether CFG also needs a negative prompt (Flux: no negative, no true CFG).
     cfg_layout: str = "batch"
     cfg_scale_key: str = "guidance_scale"
+    cfg_default_scale: float = 7.0
+    cfg_needs_negative_prompt: bool = False
 
 
 _JOINT_UNITS: tuple[Unit, ...] = (
@@ -104,9 +107,26 @@ FLUX = ArchSpec(
     timestep_scale=1000.0,  # Flux passes timestep / 1000
     cfg_layout="calls",
     cfg_scale_key="true_cfg_scale",  # Flux.1-dev itself is guidance-distilled (no true CFG) by default
+    cfg_default_scale=1.0,
+    cfg_needs_negative_prompt=True,
 )
 
 ARCHS: dict[str, ArchSpec] = {a.name: a for a in (SD3, FLUX)}
+
+
+def cfg_scale(arch: ArchSpec, call: dict) -> float | None:
+    """The classifier-free guidance scale a pipeline call runs with, or None when it runs without CFG."""
+    scale = float(call.get(arch.cfg_scale_key, arch.cfg_default_scale))
+    if scale <= 1.0 or (arch.cfg_needs_negative_prompt and call.get("negative_prompt") is None):
+        return None
+    return scale
+
+
+def cfg_factors(arch: ArchSpec, call: dict) -> tuple[int, int]:
+    """(batch factor, calls per step) of a pipeline call: SD3 batches CFG halves, Flux true CFG makes two calls."""
+    if cfg_scale(arch, call) is None:
+        return 1, 1
+    return (2, 1) if arch.cfg_layout == "batch" else (1, 2)
 
 
 def reads_image_tokens_only(arch: ArchSpec, key: str) -> bool:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .arch import ArchSpec, reads_image_tokens_only
+from .arch import ArchSpec, cfg_scale, reads_image_tokens_only
 from .distributed import allreduce_accumulators, rank_and_world, shard
 from .hessian import HessianAccumulator
 from .pipelines import run_pipeline
@@ -99,10 +99,13 @@ def guided_inputs(arch: ArchSpec, call: dict, hessian_inputs: str) -> GuidedInpu
         raise ValueError(f"unknown hessian inputs {hessian_inputs!r}; choose one of {', '.join(HESSIAN_INPUTS)}")
     if hessian_inputs == "plain":
         return None
-    scale = float(call.get(arch.cfg_scale_key) or 1.0)
-    if scale <= 1.0:
-        log.warning("hessian_inputs='guided' but %s=%g: the pipeline runs without classifier-free guidance, so the "
-                    "Hessians use the plain inputs", arch.cfg_scale_key, scale)
+    scale = cfg_scale(arch, call)
+    if scale is None:
+        why = f"{arch.cfg_scale_key}={call.get(arch.cfg_scale_key, arch.cfg_default_scale)}"
+        if arch.cfg_needs_negative_prompt and call.get("negative_prompt") is None:
+            why += ", no negative_prompt"
+        log.warning("hessian_inputs=%r but the pipeline call runs without classifier-free guidance (%s), so the "
+                    "Hessians use the plain inputs", hessian_inputs, why)
         return None
     if hessian_inputs == "guided-image":  # text tokens of prompt and negative prompt are not paired positions
         return GuidedInputs(arch.cfg_layout, scale, combine=lambda key: reads_image_tokens_only(arch, key))

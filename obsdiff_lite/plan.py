@@ -222,14 +222,6 @@ def pipeline_bytes(pipe, dtype: torch.dtype | None = None) -> int:
 # --- Geometry ------------------------------------------------------------------------------------------
 
 
-def cfg_factors(arch: str, call: dict) -> tuple[int, int]:
-    """(batch factor, calls per step): SD3 batches CFG halves into one call; Flux true CFG makes two calls."""
-    if arch == "sd3":
-        return (2, 1) if float(call.get("guidance_scale", 7.0)) > 1 else (1, 1)
-    true_cfg = float(call.get("true_cfg_scale", 1.0)) > 1 and call.get("negative_prompt") is not None
-    return (1, 2) if true_cfg else (1, 1)
-
-
 def default_geometry(transformer: nn.Module, arch: str, call: dict, height: int | None = None,
                      width: int | None = None, text_tokens: int | None = None,
                      tokenizer_max_length: int = _CLIP_TOKENS, vae_scale_factor: int = 8) -> tuple[int, int]:
@@ -257,16 +249,16 @@ def _hidden(transformer: nn.Module) -> int:
 PackageLayers = tuple[list[int], dict[str, nn.Linear], list[list[nn.Linear]]]
 
 
-def _pending_guided_bytes(arch, groups: dict[str, nn.Linear], hessian_inputs: str, calls_per_step: int, rows: int,
+def _pending_guided_bytes(arch, groups: dict[str, nn.Linear], hessian_inputs: str, call: dict, rows: int,
                           nbytes: int) -> int:
     """Guided Hessians with CFG in two calls (Flux): each combined group's cond-call input waits for the uncond call."""
-    from .arch import reads_image_tokens_only
+    from .arch import cfg_scale
+    from .calibrate import guided_inputs
 
-    if hessian_inputs == "plain" or calls_per_step != 2:
-        return 0
-    combined = [lin.in_features for key, lin in groups.items()
-                if hessian_inputs == "guided" or reads_image_tokens_only(arch, key)]
-    return rows * sum(combined) * nbytes
+    if hessian_inputs == "plain" or arch.cfg_layout != "calls" or cfg_scale(arch, call) is None:
+        return 0  # nothing waits (and guided_inputs need not warn about a missing CFG a second time)
+    guided = guided_inputs(arch, call, hessian_inputs)
+    return rows * sum(lin.in_features for key, lin in groups.items() if guided.combine(key)) * nbytes
 
 
 def _package_layers(transformer: nn.Module, config) -> list[PackageLayers]:
@@ -349,7 +341,7 @@ def plan_memory(model, config, device="cpu", batch_size: int | None = None, num_
     number of prompts); ``dtype`` to the model's; ``model_bytes`` to all pipeline components (or the
     transformer alone when a bare transformer is given).
     """
-    from .arch import arch_for_transformer
+    from .arch import arch_for_transformer, cfg_factors
     from .pipelines import pipeline_call, resolve_dtype
 
     config.validate()
@@ -376,7 +368,7 @@ def plan_memory(model, config, device="cpu", batch_size: int | None = None, num_
     if num_prompts is None:
         num_prompts = len(config.prompts) if config.prompts is not None else int(config.num_prompts)
     batch = max(1, min(int(batch_size or config.batch_size), num_prompts))
-    cfg_batch, calls_per_step = cfg_factors(arch, call)
+    cfg_batch, calls_per_step = cfg_factors(arch_spec, call)
     steps = int(call.get("num_inference_steps") or config.steps or _DEFAULT_STEPS[arch])
     hidden = _hidden(transformer)
     nbytes = torch.empty((), dtype=dtype).element_size()
@@ -399,8 +391,7 @@ def plan_memory(model, config, device="cpu", batch_size: int | None = None, num_
         activations = 0
         if needs_data:
             activations = rows * hidden * nbytes * ACTIVATION_FACTOR + rows * d_max * 4 + d_max * d_max * 4
-            activations += _pending_guided_bytes(arch_spec, groups, config.hessian_inputs, calls_per_step,
-                                                 batch * tokens, nbytes)
+            activations += _pending_guided_bytes(arch_spec, groups, config.hessian_inputs, call, batch * tokens, nbytes)
         solve = max((_solve_bytes(g, config.method, config.pattern) for g in solve_groups), default=0)
         solve_dev = hess_dev if structured else compute
         by_device = {compute: model_bytes + activations}

@@ -260,9 +260,23 @@ def test_guided_image_combines_only_image_token_inputs():
     assert not reads_image_tokens_only(FLUX, "single_transformer_blocks.2.attn.to_q")  # text and image tokens
     with pytest.raises(ValueError, match="not in any block list"):
         reads_image_tokens_only(SD3, "proj_out")
-    guided = guided_inputs(FLUX, {"true_cfg_scale": 4.0}, "guided-image")
+    guided = guided_inputs(FLUX, {"true_cfg_scale": 4.0, "negative_prompt": ""}, "guided-image")
     cond, uncond = torch.ones(1, 3, 4), torch.zeros(1, 3, 4)
     text_key = "transformer_blocks.0.ff_context.net.2"
     assert guided(text_key, cond) is cond and guided(text_key, uncond) is uncond  # both halves, unchanged
     image_key = "transformer_blocks.0.ff.net.2"
     assert guided(image_key, cond) is None and torch.equal(guided(image_key, uncond), 4.0 * cond)
+
+
+def test_guided_inputs_follow_whether_the_pipeline_really_runs_cfg():
+    """One description of CFG (arch.cfg_scale) serves the planner and the guided Hessians: Flux runs true CFG only
+    with a negative prompt (else its single calls must not be paired), SD3 defaults to CFG 7."""
+    from obsdiff_lite.arch import FLUX, SD3, cfg_factors, cfg_scale
+    from obsdiff_lite.calibrate import guided_inputs
+
+    assert cfg_scale(FLUX, {"true_cfg_scale": 4.0}) is None and cfg_factors(FLUX, {"true_cfg_scale": 4.0}) == (1, 1)
+    assert guided_inputs(FLUX, {"true_cfg_scale": 4.0}, "guided") is None
+    flux_cfg = {"true_cfg_scale": 4.0, "negative_prompt": ""}
+    assert cfg_factors(FLUX, flux_cfg) == (1, 2) and guided_inputs(FLUX, flux_cfg, "guided").scale == 4.0
+    assert cfg_factors(SD3, {}) == (2, 1) and guided_inputs(SD3, {}, "guided").scale == 7.0
+    assert cfg_factors(SD3, {"guidance_scale": 1.0}) == (1, 1)
