@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 METHODS = ("obs-diff", "sparsegpt", "wanda", "magnitude", "l1-norm")
 STRUCTURED_METHODS = ("obs-diff", "l1-norm")
 CALIBRATIONS = ("exact", "cached")  # pattern "structured": whole heads and FFN neurons
-HEAD_SELECTIONS = ("saliency", "trajectory")
-PER_BLOCK = "blocks"  # packages="blocks": one module package per transformer block  # structured: how heads are chosen (structured.prune_heads_obs)
+HEAD_SELECTIONS = ("saliency", "trajectory")  # structured: how heads are chosen (structured.prune_heads_obs)
+PER_BLOCK = "blocks"  # packages="blocks": one module package per transformer block
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "data" / "prompts"
 
 

@@ -40,7 +40,7 @@ from .calibrate import calibrate
 from .hessian import ieee_fp32_matmul
 from .obs import prepare_inverse_hessian
 from .pipelines import pipeline_call, run_pipeline
-from .prune import PruneConfig, _peak_memory_bytes, default_prompts, run_record
+from .prune import PER_BLOCK, PruneConfig, _peak_memory_bytes, default_prompts, run_record
 from .surgery import attention_module, head_channels, head_dim, remove_heads, remove_neurons, transformer_structure
 
 RRF_K = 60  # Reciprocal Rank Fusion constant (paper)
@@ -117,15 +117,16 @@ class ColumnPruner:
     def trial_weight(self, positions: Tensor, hinv: Tensor) -> Tensor:
         """The full-width weight if the live columns at ``positions`` were removed now (state unchanged)."""
         with ieee_fp32_matmul(self.weight.device):
-            trial = obs_remove_columns(self.weight, hinv, positions)
-        out = torch.zeros_like(self.weight0)
-        out[:, self.live] = trial
-        return out
+            return self._widen(obs_remove_columns(self.weight, hinv, positions))
 
     def full_weight(self) -> Tensor:
         """The weight at its original width, removed columns zero."""
+        return self._widen(self.weight)
+
+    def _widen(self, live_weight: Tensor) -> Tensor:
+        """A [rows, live] weight scattered back to the original width (removed columns zero)."""
         out = torch.zeros_like(self.weight0)
-        out[:, self.live] = self.weight
+        out[:, self.live] = live_weight
         return out
 
     def stats(self) -> dict:
@@ -228,7 +229,7 @@ class TrajectoryJudge:
         try:
             for lin, weight in weights.items():
                 _write_weight(lin, weight)
-            return float(((self.latents() - self.reference.to(self.pipe.transformer.device)) ** 2).mean())
+            return float(((self.latents() - self.reference) ** 2).mean())
         finally:
             for lin, weight in saved.items():
                 lin.weight.data.copy_(weight)
@@ -271,7 +272,7 @@ def structured_units(selected: list[Block]) -> list[StructuredUnit]:
 
 def split_packages(units: list[StructuredUnit], num_packages: int | str) -> list[list[StructuredUnit]]:
     """Cut the units into ``num_packages`` contiguous near-equal module packages ("blocks": one per block)."""
-    if num_packages == "blocks":
+    if num_packages == PER_BLOCK:
         packages: list[list[StructuredUnit]] = []
         for unit in units:
             if not packages or packages[-1][0].block.index != unit.block.index:
