@@ -4,7 +4,8 @@
 
 For each package count G, times (interleaved, medians over repeats) G plain inference passes over the
 calibration prompts and the G calibration passes of `prune` (hooks on, Hessians of that package's
-layers accumulated), excluding the OBS solves. Writes benchmarks/results/calibration_overhead.json.
+layers accumulated), excluding the OBS solves. Also counts the multiply-adds of one pass in the target linears
+and in their Hessians. Writes benchmarks/results/calibration_overhead.json.
 """
 
 from __future__ import annotations
@@ -29,13 +30,42 @@ from obsdiff_lite.prune import default_prompts, package_units  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "calibration_overhead.json"
 
 
+def multiply_adds(pipe, arch, prompts: list[str], call: dict, batch_size: int) -> dict:
+    """Multiply-adds of one plain pass in the target linears vs in their Hessians (X^T X on the block upper
+    triangle, one per shared input), counted by hooks: the floor of the overhead when the linears dominate."""
+    from obsdiff_lite.hessian import gram_block_size
+
+    counts = {"linears": 0, "hessians": 0}
+    handles = []
+    for package in package_units(blocks(pipe.transformer, arch), 1):
+        for target in (t for unit in package for t in unit):
+            linears = [lin for _, lin in target.linears()]
+            d, block = linears[0].in_features, gram_block_size(linears[0].in_features)
+            k = -(-d // block)
+            upper = (k * (k + 1) / 2) / (k * k)  # fraction of the d x d products the block upper triangle computes
+            out = sum(lin.out_features for lin in linears)
+
+            def hook(module, args, d=d, out=out, upper=upper):
+                rows = args[0].numel() // d
+                counts["linears"] += rows * d * out
+                counts["hessians"] += int(rows * d * d * upper)
+
+            handles.append(linears[0].register_forward_pre_hook(hook))
+    try:
+        run_pipeline(pipe, prompts, 0, call, batch_size, output_type="latent", progress=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts | {"hessian_per_linear": counts["hessians"] / counts["linears"]}
+
+
 def measure(model: str, num_prompts: int, packages: list[int], repeats: int, batch_size: int) -> dict:
     """Median seconds of plain passes and calibration passes for each package count."""
     pipe = load_pipeline(model)
     arch = arch_for_transformer(pipe.transformer)
     call = call_kwargs(pipe.obsdiff_generation)
     prompts = default_prompts(pipe, num_prompts, 0)
-    out = {}
+    out = {"multiply_adds": multiply_adds(pipe, arch, prompts, call, batch_size)}
     for g in packages:
         plan = package_units(blocks(pipe.transformer, arch), g)
         plain, calib = [], []

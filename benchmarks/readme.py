@@ -382,10 +382,18 @@ def render_overhead() -> str:
     if not data:
         return "_not measured yet: run `python benchmarks/calibration_overhead.py`_"
     lines = ["| model | packages | plain passes (s) | calibration passes (s) | overhead |", "|---|---|---|---|---|"]
+    ratios = []
     for model, per_g in data["models"].items():
         for g, r in per_g.items():
+            if g == "multiply_adds":
+                ratios.append(f"{r['hessian_per_linear']:.2f}x on {model}")
+                continue
             lines.append(f"| {model} | {g} | {r['plain_s']:.2f} | {r['calibration_s']:.2f} | {r['overhead']:+.0%} |")
     lines.append("")
+    if ratios:
+        lines.append("Multiply-adds of the Hessians (X^T X, upper block triangle) over those of the target linears they "
+                     f"serve, one pass: {', '.join(ratios)}.")
+        lines.append("")
     lines.append(f"Medians of interleaved repeats, {data['num_prompts']} prompts, {data['threads']} thread; `{data['command']}`.")
     return "\n".join(lines)
 

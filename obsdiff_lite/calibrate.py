@@ -19,7 +19,7 @@ from torch import nn
 
 from .arch import ArchSpec, cfg_scale, reads_image_tokens_only
 from .distributed import allreduce_accumulators, rank_and_world, shard
-from .hessian import HessianAccumulator
+from .hessian import HessianAccumulator, all_finite
 from .pipelines import run_pipeline
 from .schedules import timestep_weights
 
@@ -118,13 +118,21 @@ def collect_hessians(transformer: nn.Module, arch: ArchSpec, groups: dict[str, n
     """Within the block, every forward of ``groups[key]`` adds its input (or, with ``guided``, the CFG-combined
     input of both halves) to ``accumulators[key]``."""
     accumulators: dict[str, HessianAccumulator] = {}
-    handles = [transformer.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True)]
+
+    def check_finite(module: nn.Module, args: tuple, output) -> None:
+        # Once per transformer call rather than per layer: on a GPU every check waits for the device.
+        if not all_finite(accumulators.values()):
+            for key, acc in accumulators.items():
+                acc.raise_if_not_finite(key)
+
+    handles = [transformer.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True),
+               transformer.register_forward_hook(check_finite)]
 
     def make_hook(key: str, acc: HessianAccumulator):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0] if guided is None else guided(key, args[0])
             if x is not None:
-                acc.add_batch(x.reshape(-1, x.shape[-1]), tracker.weight, name=key)
+                acc.add_batch(x.reshape(-1, x.shape[-1]), tracker.weight, name=key, check_finite=False)
 
         return hook
 

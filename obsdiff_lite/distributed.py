@@ -135,7 +135,7 @@ def allreduce_accumulators(accs: Mapping[str, HessianAccumulator]) -> Mapping[st
         h = acc.hessian
         work = h.to(_reduce_device(h)).mul(acc.weight_sum)  # un-normalise: sum over rows, not mean
         dist.all_reduce(work, op=dist.ReduceOp.SUM)
-        acc.hessian = work.to(h.device)
+        h.copy_(work)
     reduce_on = _reduce_device(scalars)
     total = scalars.to(reduce_on)
     dist.all_reduce(total, op=dist.ReduceOp.SUM)

@@ -9,13 +9,20 @@ calibration row collected at denoising step t by alpha_t, so after all batches
 i.e. a weighted mean of 2 x x^T.  It is kept as a running mean (old H scaled by
 W_old / W_new, new batch added with weight alpha / W_new) so that it never
 grows with the number of calibration rows.
+
+Cost. For an MMDiT block the Hessians take more multiply-adds per token than the
+block's linears themselves (the FFN-down input is 4x wider, so its X^T X costs 16 d^2
+against 4 d^2 for the layer), so calibration time is mostly X^T X.  Two savings,
+both exact: H is symmetric, so only its upper block triangle is computed per batch
+(about 5/8 of the products for 4 column blocks) and mirrored once when read; and the
+running-mean rescale is fused into the matmul (one addmm_ per block, no temporary).
 """
 from __future__ import annotations
 
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -53,6 +60,29 @@ def tf32_is_exact_for(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
+def gram_block_size(in_features: int) -> int:
+    """Column block for the upper-triangular X^T X: a quarter of the width from 128 features on, else the width.
+
+    Four blocks compute 10 of 16 block products; more blocks save little more and shrink the matmuls.
+    """
+    return in_features if in_features < 128 else -(-in_features // 4)
+
+
+def add_gram_upper_(target: Tensor, x: Tensor, beta: float, alpha: float, block: int) -> None:
+    """target <- beta * target + alpha * x^T x on the block upper triangle only (blocks below it are left stale)."""
+    d = x.shape[1]
+    for i in range(0, d, block):
+        target[i:i + block, i:].addmm_(x[:, i:i + block].T, x[:, i:], beta=beta, alpha=alpha)
+
+
+def mirror_upper_(target: Tensor, block: int) -> Tensor:
+    """Copy the block upper triangle onto the stale blocks below it, making ``target`` symmetric; returns it."""
+    d = target.shape[0]
+    for i in range(0, d - block, block):
+        target[i + block:, i:i + block].copy_(target[i:i + block, i + block:].T)
+    return target
+
+
 def _layer(name: str) -> str:
     """Format an optional layer name for error messages."""
     return f" of layer {name!r}" if name else ""
@@ -66,9 +96,10 @@ class HessianAccumulator:
     device: torch.device | str = "cpu"
     dtype: torch.dtype = torch.float32
     name: str = ""
-    hessian: Tensor = field(init=False, repr=False)
     weight_sum: float = field(init=False, default=0.0)
     num_rows: int = field(init=False, default=0)
+    _state: Tensor = field(init=False, repr=False)  # valid on the block upper triangle; see `hessian`
+    _lower_stale: bool = field(init=False, repr=False, default=False)
 
     def __post_init__(self) -> None:
         """Validate the configuration and allocate zeroed state."""
@@ -78,15 +109,44 @@ class HessianAccumulator:
             raise ValueError(f"Hessian dtype must be torch.float32 or torch.float64, got {self.dtype}")
         self.device = torch.device(self.device)
         d = self.in_features
-        self.hessian = torch.zeros(d, d, dtype=self.dtype, device=self.device)
+        self._state = torch.zeros(d, d, dtype=self.dtype, device=self.device)
+        self._block = gram_block_size(d)
+
+    @property
+    def hessian(self) -> Tensor:
+        """The symmetric [d, d] Hessian (the accumulator's own storage: in-place edits change the accumulator)."""
+        if self._lower_stale:
+            mirror_upper_(self._state, self._block)
+            self._lower_stale = False
+        return self._state
 
     @property
     def act_sq_sum(self) -> Tensor:
         """Weighted sum of x_j^2 per input feature: diag(H) * weight_sum / 2 (derived, not stored)."""
-        return torch.diagonal(self.hessian) * (self.weight_sum / 2.0)
+        return torch.diagonal(self._state) * (self.weight_sum / 2.0)  # diagonal blocks are never stale
 
-    def add_batch(self, inputs: Tensor, timestep_weight: float = 1.0, name: str | None = None) -> None:
-        """Fold inputs [..., d] into the running mean, every row weighted by timestep_weight."""
+    def is_finite(self) -> Tensor:
+        """0-d bool tensor on the Hessian's device: False once any non-finite activation was added (no host sync).
+
+        A NaN/inf input, or a float32 overflow of x^2, makes a diagonal entry NaN/inf, and the running mean keeps it so.
+        """
+        return torch.isfinite(torch.diagonal(self._state)).all()
+
+    def raise_if_not_finite(self, name: str | None = None) -> None:
+        """Raise ValueError naming the layer when non-finite activations reached this Hessian."""
+        if not bool(self.is_finite()):
+            raise ValueError(
+                f"activations{_layer(self.name if name is None else name)} contain NaN/inf (after casting to "
+                f"{self.dtype}); check the model's dtype/overflow or the calibration prompts"
+            )
+
+    def add_batch(self, inputs: Tensor, timestep_weight: float = 1.0, name: str | None = None,
+                  check_finite: bool = True) -> None:
+        """Fold inputs [..., d] into the running mean, every row weighted by timestep_weight.
+
+        With ``check_finite`` (default) non-finite inputs raise before the state changes (one host sync on a GPU);
+        calibration hooks pass False and call ``is_finite`` once per transformer call instead.
+        """
         name = self.name if name is None else name
         if inputs.shape[-1] != self.in_features:
             raise ValueError(
@@ -104,18 +164,23 @@ class HessianAccumulator:
         rows = x.shape[0]
         if rows == 0 or alpha == 0.0:
             return
+        if check_finite:
+            # x^T x is finite when every |x| is below sqrt(max / rows): one reduction over X, checked before the
+            # state is touched, so a refused batch leaves the accumulator as it was.
+            largest = float(x.abs().amax())
+            if not largest <= math.sqrt(torch.finfo(self.dtype).max / rows):
+                raise ValueError(
+                    f"activations{_layer(name)} contain NaN/inf or overflow x^2 (after casting to {self.dtype}); "
+                    "check the model's dtype/overflow or the calibration prompts"
+                )
         new_sum = self.weight_sum + alpha * rows
         keep, scale = self.weight_sum / new_sum, 2.0 * alpha / new_sum
+        target = self._state if x.device == self._state.device else torch.zeros_like(self._state, device=x.device)
         with ieee_fp32_matmul(x.device, tf32=tf32):
-            batch = x.T @ x
-        # NaN/inf anywhere in X reaches diag(X^T X): checking d numbers instead of rows * d, and
-        # before touching the state, so a refused batch leaves the accumulator as it was.
-        if not bool(torch.isfinite(torch.diagonal(batch)).all()):
-            raise ValueError(
-                f"activations{_layer(name)} contain NaN/inf (after casting to {self.dtype}); "
-                "check the model's dtype/overflow or the calibration prompts"
-            )
-        self.hessian.mul_(keep).add_(batch.to(self.device), alpha=scale)
+            add_gram_upper_(target, x, beta=keep if target is self._state else 0.0, alpha=scale, block=self._block)
+        if target is not self._state:
+            self._state.mul_(keep).add_(target.to(self._state.device))
+        self._lower_stale = self._block < self.in_features
         self.weight_sum = new_sum
         self.num_rows += rows
 
@@ -160,6 +225,14 @@ class HessianAccumulator:
         acc.weight_sum = float(state["weight_sum"])
         acc.num_rows = int(state["num_rows"])
         return acc
+
+
+def all_finite(accumulators: Iterable[HessianAccumulator]) -> bool:
+    """True when no accumulator has seen a non-finite activation; one host sync per device, not per accumulator."""
+    flags: dict[torch.device, list[Tensor]] = {}
+    for acc in accumulators:
+        flags.setdefault(acc.device, []).append(acc.is_finite())
+    return all(bool(torch.stack(f).all()) for f in flags.values())
 
 
 def wanda_input_norm(acc: HessianAccumulator) -> Tensor:

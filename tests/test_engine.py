@@ -280,3 +280,20 @@ def test_guided_inputs_follow_whether_the_pipeline_really_runs_cfg():
     assert cfg_factors(FLUX, flux_cfg) == (1, 2) and guided_inputs(FLUX, flux_cfg, "guided").scale == 4.0
     assert cfg_factors(SD3, {}) == (2, 1) and guided_inputs(SD3, {}, "guided").scale == 7.0
     assert cfg_factors(SD3, {"guidance_scale": 1.0}) == (1, 1)
+
+
+def test_calibration_stops_at_the_first_call_with_non_finite_activations(random_dir):
+    """Hooks skip the per-layer check (a host sync each on a GPU); the per-call check still names the layer."""
+    pipe = load_pipeline(random_dir)
+    arch = arch_for_transformer(pipe.transformer)
+    block = blocks(pipe.transformer, arch)[-1]
+    unit = block_units(block)[0]
+    key = f"{block.name}.{unit[0][0]}"
+    linear = getattr_linear(block.module, unit[0][0])
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda m, a: calls.append(1))
+    linear.register_forward_pre_hook(lambda m, a: (torch.full_like(a[0], float("nan")),))
+    call = call_kwargs(pipe.obsdiff_generation) | {"num_inference_steps": 3}
+    with pytest.raises(ValueError, match=rf"{key}.*NaN/inf"):
+        calibrate(pipe, arch, {key: linear}, ["a red circle"], call, progress=False)
+    assert len(calls) == 1

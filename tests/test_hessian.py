@@ -177,3 +177,56 @@ def test_half_precision_activations_are_exact_in_tf32(dtype):
     assert int((bits & 0x1FFF).count_nonzero()) == 0
     assert tf32_is_exact_for(dtype) and not tf32_is_exact_for(torch.float32)
     assert int((torch.randn(1000).view(torch.int32) & 0x1FFF).count_nonzero()) > 900  # float32 would be rounded
+
+
+@pytest.mark.parametrize("width", [127, 128, 130, 256, 333])
+def test_block_upper_gram_with_reads_between_batches_matches_closed_form(width):
+    """Wide inputs are accumulated on the block upper triangle and mirrored when read; reading between batches
+    (which mirrors) and merging must not change the result."""
+    from obsdiff_lite.hessian import gram_block_size
+
+    g = torch.Generator().manual_seed(width)
+    batches = [(torch.randn(rows, width, generator=g, dtype=torch.float64), a) for rows, a in ((9, 1.2), (40, 0.8), (3, 1.0))]
+    expected = sum(2 * a * x.T @ x for x, a in batches) / sum(a * x.shape[0] for x, a in batches)
+    acc = HessianAccumulator(width, dtype=torch.float64)
+    for x, a in batches:
+        acc.add_batch(x, a)
+        torch.testing.assert_close(acc.hessian, acc.hessian.T, rtol=1e-12, atol=1e-12)  # read (mirror) every batch
+    torch.testing.assert_close(acc.hessian, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(acc.act_sq_sum / acc.weight_sum, torch.diagonal(expected) / 2, rtol=1e-12, atol=1e-12)
+    unread = HessianAccumulator(width, dtype=torch.float64)
+    for x, a in batches:
+        unread.add_batch(x, a)
+    torch.testing.assert_close(unread.hessian, expected, rtol=1e-12, atol=1e-12)
+    left, right = HessianAccumulator(width, dtype=torch.float64), HessianAccumulator(width, dtype=torch.float64)
+    left.add_batch(*batches[0])
+    for x, a in batches[1:]:
+        right.add_batch(x, a)
+    torch.testing.assert_close(left.merge(right).hessian, expected, rtol=1e-12, atol=1e-12)
+    assert gram_block_size(width) == (width if width < 128 else -(-width // 4))
+
+
+def test_unchecked_batches_are_caught_by_is_finite_and_all_finite():
+    from obsdiff_lite.hessian import all_finite
+
+    good, bad = HessianAccumulator(D, name="ok"), HessianAccumulator(D, name="blocks.1.ff.net.2")
+    good.add_batch(torch.randn(4, D), check_finite=False)
+    x = torch.randn(4, D)
+    x[1, 3] = float("nan")
+    bad.add_batch(x, check_finite=False)
+    assert bool(good.is_finite()) and not bool(bad.is_finite())
+    assert all_finite([good]) and not all_finite([good, bad])
+    good.raise_if_not_finite()
+    with pytest.raises(ValueError, match=r"blocks\.1\.ff\.net\.2.*NaN/inf"):
+        bad.raise_if_not_finite()
+
+
+def test_float32_square_overflow_is_refused_before_the_state_changes():
+    acc = HessianAccumulator(D, name="ff.net.2")
+    acc.add_batch(torch.randn(3, D))
+    before = acc.hessian.clone()
+    x = torch.randn(3, D)
+    x[0, 0] = 1e20  # finite in float32, but x^2 is not
+    with pytest.raises(ValueError, match="'ff.net.2'.*overflow"):
+        acc.add_batch(x)
+    assert torch.equal(acc.hessian, before) and acc.num_rows == 3
