@@ -127,6 +127,17 @@ def dense_reference(model: str):
     return _DENSE[model]
 
 
+def code_version() -> str:
+    """The commit the sweep runs (with "+dirty" when tracked files differ from it), recorded with every run."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def execute(run: dict) -> dict:
     """Prune a fresh copy with the run's settings and score it; returns the run plus its measurements."""
     specs, dense_images, _ = dense_reference(run["model"])
@@ -139,7 +150,7 @@ def execute(run: dict) -> dict:
     _, images = sample_shapebench(pipe, EVAL_PROMPTS, EVAL_SEED, progress=False)
     scores = evaluate(images, specs, reference=dense_images)
     extra = {k: report[k] for k in ("parameters_before", "parameters_after", "macs_before", "macs_after") if k in report}
-    return {"run": run, "scores": scores, "prune_wall_s": wall, "timings": report["timings"],
+    return {"run": run, "code": code_version(), "scores": scores, "prune_wall_s": wall, "timings": report["timings"],
             "num_packages": report["num_packages"],
             "peak_memory_bytes": report["peak_memory_bytes"], "achieved_sparsity": report["achieved_sparsity"],
             "cache": report.get("cache"), **extra}
