@@ -128,14 +128,16 @@ def dense_reference(model: str):
 
 
 def code_version() -> str:
-    """The commit the sweep runs (with "+dirty" when tracked files differ from it), recorded with every run."""
+    """The commit the sweep runs (with "+dirty" when tracked code or data differ from it), recorded with every run."""
     import subprocess
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", "obsdiff_lite", "benchmarks", "data",
+                  ":!benchmarks/results")
+    return commit + ("+dirty" if changed else "")
 
 
 def execute(run: dict) -> dict:
