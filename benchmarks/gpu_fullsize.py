@@ -227,7 +227,44 @@ def hessian_precision(args, device) -> dict:
             times["tf32" if tf32 else "ieee"] = statistics.median(samples) * 1e3
         diff = (result[True] - result[False]).abs().max() / result[False].abs().max()
         out[name] = {"median_ms": times, "max_rel_diff": float(diff), "speedup": times["ieee"] / times["tf32"]}
+    out["accumulate"] = hessian_accumulate(rows, width, device)
     return out
+
+
+def hessian_accumulate(rows: int, width: int, device) -> dict:
+    """One calibration update of a running-mean Hessian from bf16 activations, TF32: the full X^T X, a NaN check
+    that waits for the device and a separate rescale (before 2d1bebe) vs HessianAccumulator.add_batch as the
+    hooks call it (upper block triangle, rescale fused into addmm_, no check)."""
+    from obsdiff_lite.hessian import HessianAccumulator, ieee_fp32_matmul
+
+    torch.manual_seed(0)
+    x16 = torch.randn(rows, width, device=device).to(torch.bfloat16)
+    state = torch.zeros(width, width, device=device)
+    acc = HessianAccumulator(width, device=device)
+
+    def full_update() -> None:
+        x = x16.float()
+        with ieee_fp32_matmul(device, tf32=True):
+            batch = x.T @ x
+        if not bool(torch.isfinite(torch.diagonal(batch)).all()):
+            raise RuntimeError("non-finite")
+        state.mul_(0.5).add_(batch, alpha=0.5)
+
+    times = {}
+    for name, step in (("full_gram_sync_update", full_update),
+                       ("add_batch", lambda: acc.add_batch(x16, 1.0, check_finite=False))):
+        step()
+        samples = []
+        for _ in range(5):
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(4):  # several calls in a row, as within one transformer call
+                step()
+            _sync(device)
+            samples.append((time.perf_counter() - t0) / 4)
+        times[name] = statistics.median(samples) * 1e3
+    return {"activations": "bfloat16", "median_ms": times,
+            "speedup": times["full_gram_sync_update"] / times["add_batch"]}
 
 
 def main() -> None:

@@ -457,8 +457,13 @@ def render_gpu() -> str:
         lines += ["", f"Hessian matmul X^T X ({h['rows']} rows × {h['width']}, one SD3 FFN-down calibration call): "
                   + "; ".join(f"{n} activations {v['median_ms']['ieee']:.1f} ms IEEE vs {v['median_ms']['tf32']:.1f} ms TF32 "
                               f"({v['speedup']:.1f}x), max relative difference {v['max_rel_diff']:.0e}"
-                              for n, v in h.items() if isinstance(v, dict))
+                              for n, v in h.items() if isinstance(v, dict) and "max_rel_diff" in v)
                   + ". fp16/bf16 values fit TF32's 10-bit mantissa, so only the float32 summation order differs."]
+        acc = h.get("accumulate")
+        if acc:
+            lines[-1] += (f" One running-mean update as the hooks make it: {acc['median_ms']['add_batch']:.1f} ms "
+                          f"(upper block triangle, fused rescale, no per-layer sync) vs "
+                          f"{acc['median_ms']['full_gram_sync_update']:.1f} ms before ({acc['speedup']:.1f}x).")
     lines += ["", f"`{now['command']}` (commit {now.get('code_commit', '?')}); the IEEE rows: `{before.get('command', '–')}` "
               f"(commit {before.get('code_commit', '?')}); results copied from the device's `$OUT` to "
               "`benchmarks/results/gpu_fullsize.json` and `gpu_fullsize_ieee.json`. Random weights: times and memory are "

@@ -29,5 +29,7 @@ def test_gpu_fullsize_script_runs_on_cpu_in_tiny_mode(tmp_path):
         assert "not measured" in lat["notes"]["2:4"]
         before, after = lat["notes"]["structured-30%_params"]
         assert after < before
+    accumulate = result["hessian"]["accumulate"]["median_ms"]
+    assert set(accumulate) == {"full_gram_sync_update", "add_batch"} and min(accumulate.values()) > 0
     hessian = result["hessian"]["bfloat16"]
     assert hessian["max_rel_diff"] == 0.0  # on CPU both precisions are IEEE
