@@ -647,7 +647,14 @@ def render_claims() -> str:
     return "\n".join(rows)
 
 
-RENDERERS = {"claims": render_claims, "gpu": render_gpu, "structured_selection": render_structured_selection, "head_diagnosis": render_head_diagnosis, "hessian_inputs": render_hessian_inputs, "cached_projection": render_cached_projection, "structured_parts": render_structured_parts,
+def render_provenance() -> str:
+    """Which code version produced each sweep's runs (recorded per run by benchmarks/run.py)."""
+    names = sorted(p.stem for p in (RESULTS / "raw").glob("*.jsonl"))
+    cells = [f"`{n}` {', '.join(_load(n).get('code', ['unrecorded']))}" for n in names]
+    return "Sweeps and the commit their runs ran at: " + "; ".join(cells) + "." if cells else "_no sweeps yet_"
+
+
+RENDERERS = {"provenance": render_provenance, "claims": render_claims, "gpu": render_gpu, "structured_selection": render_structured_selection, "head_diagnosis": render_head_diagnosis, "hessian_inputs": render_hessian_inputs, "cached_projection": render_cached_projection, "structured_parts": render_structured_parts,
              "calibration_size": render_calibration_size, "speed": render_speed, "tiny_world": render_tiny_world, "demo": render_demo, "quality": render_quality,
              "weighting": render_weighting, "packages": render_packages, "structured": render_structured,
              "overhead": render_overhead}

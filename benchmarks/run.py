@@ -209,7 +209,8 @@ def summarize() -> None:
                     row[metric] = mean_ci(vals)
             rows.append(row)
         dense = {m: _dense_scores(m) for m in MODELS if (ROOT / "data" / m).exists()}
-        (RESULTS / f"{name}.json").write_text(json.dumps({"experiment": name, "eval_prompts": EVAL_PROMPTS,
+        code = sorted({json.loads(line).get("code", "unrecorded") for line in path.read_text().splitlines()})
+        (RESULTS / f"{name}.json").write_text(json.dumps({"experiment": name, "code": code, "eval_prompts": EVAL_PROMPTS,
                                                          "eval_seed": EVAL_SEED, "calibration_prompts": CALIB_PROMPTS,
                                                          "command": f"python benchmarks/run.py {name}",
                                                          "dense": dense, "rows": rows}, indent=2) + "\n")
