@@ -5,7 +5,8 @@ each other). A unit is a tuple of *input groups*; the linears of one input group
 tensor, so they share one Hessian (SD3/Flux: to_q/to_k/to_v; add_q/add_k/add_v; Flux single
 blocks: to_q/to_k/to_v and proj_mlp). Supporting another MMDiT is a new ``BlockSpec``/``ArchSpec``,
 not an ``if`` chain. Names absent from a concrete block (SD3's last, ``context_pre_only`` block has
-no ``to_add_out`` or ``ff_context``) are skipped.
+no ``to_add_out`` or ``ff_context``; only SD3.5-medium's first 13 blocks have the image-only
+self-attention ``attn2``) are skipped.
 """
 
 from __future__ import annotations
@@ -66,9 +67,12 @@ class ArchSpec:
     cfg_needs_negative_prompt: bool = False
 
 
+# attn2 (SD3.5 dual attention) is a second, image-only self-attention on its own modulation of the hidden
+# states: its q/k/v read a tensor of their own, in parallel with the joint attention's.
 _JOINT_UNITS: tuple[Unit, ...] = (
-    (("attn.to_q", "attn.to_k", "attn.to_v"), ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
-    (("attn.to_out.0",), ("attn.to_add_out",)),
+    (("attn.to_q", "attn.to_k", "attn.to_v"), ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+     ("attn2.to_q", "attn2.to_k", "attn2.to_v")),
+    (("attn.to_out.0",), ("attn.to_add_out",), ("attn2.to_out.0",)),
     (("ff.net.0.proj",), ("ff_context.net.0.proj",)),
     (("ff.net.2",), ("ff_context.net.2",)),
 )
@@ -81,7 +85,9 @@ JOINT_BLOCK = BlockSpec(
         out=("attn.to_out.0", "attn.to_add_out"),
     ),
     ffns=(FFNSpec("ff.net.0.proj", "ff.net.2"), FFNSpec("ff_context.net.0.proj", "ff_context.net.2")),
-    image_inputs=("attn.to_q", "attn.to_out.0", "ff.net.0.proj", "ff.net.2"),  # the add_*/ff_context ones: text
+    # The add_*/ff_context groups read text tokens. attn2's heads are not structured-pruned (HeadSpec: the joint
+    # attention's); unstructured and N:M prune its linears like the others.
+    image_inputs=("attn.to_q", "attn.to_out.0", "ff.net.0.proj", "ff.net.2", "attn2.to_q", "attn2.to_out.0"),
 )
 
 FLUX_SINGLE_BLOCK = BlockSpec(
@@ -225,6 +231,11 @@ FULL_SIZE_CONFIGS: dict[str, tuple[str, dict]] = {
         sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
         num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
         pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)),
+    "sd3.5-medium": ("SD3Transformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384, qk_norm="rms_norm",
+        dual_attention_layers=tuple(range(13)))),
     "sd3.5-large": ("SD3Transformer2DModel", dict(
         sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
         num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,

@@ -5,7 +5,7 @@
 
 ``obsdiff plan MODEL [prune options]`` prints the same table without running anything; MODEL may be a
 local pipeline directory (read from its configs and safetensors headers, no weights loaded) or a
-full-size architecture name from ``arch.FULL_SIZE_CONFIGS`` (``sd3-medium``, ``sd3.5-large``,
+full-size architecture name from ``arch.FULL_SIZE_CONFIGS`` (``sd3-medium``, ``sd3.5-medium``, ``sd3.5-large``,
 ``flux-dev``; built on the meta device), so a GPU run can be planned on a laptop. ``prune()`` calls
 ``check_memory`` before calibrating and refuses a run whose estimate exceeds the free memory.
 

@@ -35,6 +35,22 @@ def random_flux_dir(tmp_path_factory):
     return _save_random_pipeline("flux", tmp_path_factory.mktemp("random-flux"))
 
 
+@pytest.fixture(scope="session")
+def random_sd35_dual_dir(tmp_path_factory, random_sd3_dir):
+    """The random tiny SD3 with SD3.5-medium's dual attention (an image-only ``attn2``) in its first 3 blocks."""
+    from diffusers import SD3Transformer2DModel
+
+    from obsdiff_lite.pipelines import load_pipeline
+
+    pipe = load_pipeline(random_sd3_dir)
+    torch.manual_seed(1)
+    pipe.transformer = SD3Transformer2DModel.from_config({**pipe.transformer.config, "dual_attention_layers": (0, 1, 2)})
+    path = tmp_path_factory.mktemp("random-sd35-dual")
+    pipe.save_pretrained(path, safe_serialization=True)
+    (path / "generation.json").write_text((random_sd3_dir / "generation.json").read_text())
+    return path
+
+
 @pytest.fixture(params=["sd3", "flux"])
 def random_dir(request, random_sd3_dir, random_flux_dir):
     return {"sd3": random_sd3_dir, "flux": random_flux_dir}[request.param]

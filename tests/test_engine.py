@@ -297,3 +297,29 @@ def test_calibration_stops_at_the_first_call_with_non_finite_activations(random_
     with pytest.raises(ValueError, match=rf"{key}.*NaN/inf"):
         calibrate(pipe, arch, {key: linear}, ["a red circle"], call, progress=False)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sd35_dual_attention_is_pruned_like_the_other_linears(random_sd35_dual_dir, pattern):
+    """SD3.5-medium's image-only attn2 is a data change in arch: its q/k/v share one Hessian, to_out another."""
+    pipe = load_pipeline(random_sd35_dual_dir)
+    arch = arch_for_transformer(pipe.transformer)
+    first = blocks(pipe.transformer, arch)[0]
+    groups = [g for unit in block_units(first) for g in unit]
+    assert ["attn2.to_q", "attn2.to_k", "attn2.to_v"] in groups and ["attn2.to_out.0"] in groups
+    assert not any(n.startswith("attn2") for unit in block_units(blocks(pipe.transformer, arch)[3]) for g in unit for n in g)
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    sparsity = 0.5 if pattern == "unstructured" else None
+    prune(pipe, PruneConfig(pattern=pattern, sparsity=sparsity, packages=2, **FAST), progress=False)
+    targets = _targets(pipe)
+    assert sum(".attn2." in name for name in targets) == 3 * 4
+    for name, linear in targets.items():
+        if pattern == "unstructured":
+            assert abs(float((linear.weight == 0).float().mean()) - 0.5) <= 0.005, name
+        else:
+            assert bool(((linear.weight == 0).reshape(linear.out_features, -1, 4).sum(-1) >= 2).all()), name
+    changed = {k for k, v in pipe.transformer.state_dict().items() if not torch.equal(v, before[k])}
+    assert {k.removesuffix(".weight") for k in changed} == set(targets)
+    (latents,) = run_pipeline(pipe, ["a red circle"], 0, call_kwargs(pipe.obsdiff_generation), progress=False,
+                              output_type="latent")
+    assert torch.isfinite(latents).all()

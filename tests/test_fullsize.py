@@ -53,3 +53,17 @@ def test_one_sd3_medium_block_hessians_and_solve():
         new, keep, stats = sparsify_weight(linear.weight.data, accs[name].hessian, 0.5)
         assert new.shape == linear.weight.shape and torch.isfinite(new).all()
         assert abs(float((new == 0).float().mean()) - 0.5) < 0.005
+
+
+def test_sd35_medium_dual_attention_blocks_are_described_by_arch():
+    """SD3.5-medium: attn2 (4 linears, 2 shared inputs) in blocks 0-12; every block linear but AdaLN's is a target."""
+    medium = build_full_size_transformer("sd3.5-medium")
+    all_blocks = blocks(medium)
+    assert len(all_blocks) == 24
+    assert len(_targets(medium)) == 13 * 16 + 10 * 12 + 9
+    for block in all_blocks:
+        names = {n for unit in block_units(block) for group in unit for n in group}
+        assert ("attn2.to_out.0" in names) == (block.index < 13)
+        for name, module in block.module.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                assert name in names or "norm" in name, f"{block.name}.{name} is neither a target nor AdaLN"

@@ -339,3 +339,17 @@ def test_trajectory_head_selection_end_to_end(random_flux_dir, tmp_path):
         PruneConfig(head_selection="trajectory").validate()
     with pytest.raises(ValueError, match="unknown head selection"):
         PruneConfig(pattern="structured", sparsity=0.3, head_selection="oracle").validate()
+
+
+def test_structured_leaves_sd35_dual_attention_whole_and_reloads(random_sd35_dual_dir, tmp_path):
+    """Heads are the joint attention's (HeadSpec); attn2 keeps its heads and weights, and the pruned model reloads."""
+    pipe = load_pipeline(random_sd35_dual_dir)
+    attn2 = {k: v.clone() for k, v in pipe.transformer.state_dict().items() if ".attn2." in k}
+    report = prune(pipe, PruneConfig(pattern="structured", sparsity=0.3, packages=2, **FAST), progress=False)
+    state = pipe.transformer.state_dict()
+    assert attn2 and all(torch.equal(state[k], v) for k, v in attn2.items())
+    assert report["structure"]["transformer_blocks.1"]["heads"] == 3
+    call = call_kwargs(pipe.obsdiff_generation) | {"num_inference_steps": 2}
+    images = generate_images(pipe, PROMPTS, seed=3, call=call, progress=False)
+    reloaded = load_pipeline(save_pipeline(pipe, tmp_path / "pruned", report))
+    assert np.array_equal(images, generate_images(reloaded, PROMPTS, seed=3, call=call, progress=False))
