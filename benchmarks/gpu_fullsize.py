@@ -47,6 +47,10 @@ FLUX_LATENCY_MIN_BYTES = 60 * 2**30  # dense + structured + 2:4 copies of Flux.1
 TINY = {
     "sd3-medium": {"num_layers": 3, "num_attention_heads": 2, "caption_projection_dim": 128,
                    "pooled_projection_dim": 64, "joint_attention_dim": 128},
+    "sd3.5-medium": {"num_layers": 3, "num_attention_heads": 2, "caption_projection_dim": 128,
+                     "pooled_projection_dim": 64, "joint_attention_dim": 128, "dual_attention_layers": (0, 1)},
+    "sd3.5-large": {"num_layers": 3, "num_attention_heads": 2, "caption_projection_dim": 128,
+                    "pooled_projection_dim": 64, "joint_attention_dim": 128},
     "flux-dev": {"num_layers": 2, "num_single_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16,
                  "axes_dims_rope": (4, 6, 6), "joint_attention_dim": 64, "pooled_projection_dim": 32},
 }
@@ -269,7 +273,7 @@ def hessian_accumulate(rows: int, width: int, device) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="sd3-medium", help="the model pruned by the prune part")
+    parser.add_argument("--model", default="sd3-medium", choices=sorted(TINY), help="the model pruned by the prune part")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--parts", nargs="+", default=["hessian", "latency", "prune", "latency-flux"],

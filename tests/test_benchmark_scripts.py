@@ -33,3 +33,15 @@ def test_gpu_fullsize_script_runs_on_cpu_in_tiny_mode(tmp_path):
     assert set(accumulate) == {"full_gram_sync_update", "add_batch"} and min(accumulate.values()) > 0
     hessian = result["hessian"]["bfloat16"]
     assert hessian["max_rel_diff"] == 0.0  # on CPU both precisions are IEEE
+
+
+def test_gpu_fullsize_prunes_sd35_medium_with_dual_attention_in_tiny_mode(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_fullsize.py"), "--tiny", "--quiet", "--device",
+                           "cpu", "--model", "sd3.5-medium", "--parts", "prune", "--prune-runs", "exact:2",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["errors"] == {} and result["model"] == "sd3.5-medium"
+    (run,) = result["prune"]
+    assert (run["mode"], run["packages"]) == ("exact", 2) and abs(run["achieved_sparsity"] - 0.5) < 0.005
