@@ -1,6 +1,6 @@
 """Pruning baselines without weight updates: magnitude and Wanda.
 
-The third baseline, SparseGPT, is `obs.sparsify_weight` with a Hessian
+The third baseline, SparseGPT, is `obs.sparsify_weight(s)` with a Hessian
 accumulated under *uniform* timestep weights (the caller chooses the weights);
 it needs no code of its own.
 

@@ -9,7 +9,9 @@ right in blocks; inside a block every pruned weight's error is propagated to
 the later columns of the block immediately, and to the columns after the
 block in one lazy batched update `W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]`.
 Using the upper Cholesky factor of H^-1 makes every step an exact OBS update
-restricted to the columns that are not processed yet.
+restricted to the columns that are not processed yet. Linears that share an
+input (and so H) are solved in one call, `sparsify_weights`: their rows are
+independent, so they go through one column loop with one Cholesky factor.
 """
 from __future__ import annotations
 
@@ -137,26 +139,58 @@ def sparsify_weight(
     name: str = "",
 ) -> tuple[Tensor, Tensor, dict]:
     """OBS-prune weight [out, in] given H [in, in]; return (weight in input dtype, bool keep-mask, stats)."""
-    # Unstructured: per block, prune the int(numel * sparsity) lowest w^2 / diag(U)^2
+    return sparsify_weights([weight], hessian, sparsity, n, m, block_size, damp,
+                            None if keep_mask is None else [keep_mask], [name])[0]
+
+
+def sparsify_weights(
+    weights: list[Tensor],
+    hessian: Tensor,
+    sparsity: float = 0.5,
+    n: int = 0,
+    m: int = 0,
+    block_size: int = 128,
+    damp: float = 0.01,
+    keep_masks: list[Tensor] | None = None,
+    names: list[str] | None = None,
+) -> list[tuple[Tensor, Tensor, dict]]:
+    """OBS-prune weights [out_i, in] that share one H [in, in] (one input group) in one solve; per weight as above.
+
+    The rows of all weights go through one column loop (on a GPU the loop's kernel launches, not its arithmetic,
+    dominate the solve) and H^-1's Cholesky factor is computed once. Masks are chosen per weight and the lazy
+    block updates run per weight, so every result is bit-identical to solving that weight alone.
+    """
+    # Unstructured: per block, prune the int(numel * sparsity) lowest w^2 / diag(U)^2 of each weight
     # (U = upper Cholesky factor of H^-1).  N:M: per group of m columns, prune the n
-    # lowest per row (block_size is rounded down to a multiple of m).  keep_mask
-    # (bool [out, in]) overrides sparsity/n/m and fixes the mask.  Dead inputs
+    # lowest per row (block_size is rounded down to a multiple of m).  keep_masks
+    # (bool [out, in] each) override sparsity/n/m and fix the masks.  Dead inputs
     # (zero Hessian diagonal) are zeroed first, so they count towards the budget.
     # With uniform timestep weights in the Hessian this is SparseGPT, except that
     # exactly int(numel * sparsity) weights per block are pruned (SparseGPT's
     # `score <= thresh` prunes one more, plus ties).
     # stats["recon_error"] = trace(dW H dW^T) / 2 with the undamped H, i.e. the mean
     # over calibration rows of ||dW x||^2 when H = mean(2 x x^T).
-    if weight.ndim != 2:
-        raise ValueError(f"weight{_layer(name)} must be 2-D [out, in], got shape {tuple(weight.shape)}")
-    rows, cols = weight.shape
+    names = list(names) if names is not None else [""] * len(weights)
+    if not weights or len(names) != len(weights):
+        raise ValueError(f"need one or more weights and one name per weight, got {len(weights)} and {len(names)}")
+    name = ", ".join(n_ for n_ in names if n_)
+    for weight, layer in zip(weights, names):
+        if weight.ndim != 2:
+            raise ValueError(f"weight{_layer(layer)} must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    cols = weights[0].shape[1]
+    if any(w.shape[1] != cols for w in weights):
+        raise ValueError(f"weights{_layer(name)} share one Hessian but have different in_features "
+                         f"{[w.shape[1] for w in weights]}")
     if tuple(hessian.shape) != (cols, cols):
         raise ValueError(
             f"Hessian{_layer(name)} has shape {tuple(hessian.shape)}, expected ({cols}, {cols}) for in_features={cols}"
         )
-    if keep_mask is not None:
-        if tuple(keep_mask.shape) != (rows, cols):
-            raise ValueError(f"keep_mask has shape {tuple(keep_mask.shape)}, expected {(rows, cols)}")
+    if keep_masks is not None:
+        if len(keep_masks) != len(weights):
+            raise ValueError(f"need one keep_mask per weight, got {len(keep_masks)} for {len(weights)}")
+        for mask, weight in zip(keep_masks, weights):
+            if tuple(mask.shape) != tuple(weight.shape):
+                raise ValueError(f"keep_mask has shape {tuple(mask.shape)}, expected {tuple(weight.shape)}")
         n = m = 0
     else:
         check_sparsity_args(cols, sparsity, n, m, name)
@@ -165,10 +199,14 @@ def sparsify_weight(
     if m > 0:  # N:M groups must not straddle blocks
         block_size = max(m, block_size - block_size % m)
 
-    device = weight.device
+    device = weights[0].device
     work = torch.float64 if hessian.dtype == torch.float64 else torch.float32
     H = hessian.detach().to(device, work)
-    W0 = weight.detach().to(work)
+    W0 = torch.cat([w.detach().to(device, work) for w in weights]) if len(weights) > 1 else weights[0].detach().to(work)
+    bounds = [0]
+    for w in weights:
+        bounds.append(bounds[-1] + w.shape[0])
+    segments = list(zip(bounds[:-1], bounds[1:]))
     if not bool(torch.isfinite(W0).all()):
         raise ValueError(f"weight{_layer(name)} contains NaN/inf before pruning")
     Hinv, info = prepare_inverse_hessian(H, damp=damp, name=name)
@@ -176,9 +214,10 @@ def sparsify_weight(
 
     W = W0.clone()
     W[:, dead] = 0.0
+    rows = W.shape[0]
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=device)
-    if keep_mask is not None:
-        pruned = ~keep_mask.to(device=device, dtype=torch.bool)
+    if keep_masks is not None:
+        pruned = ~torch.cat([mask.to(device=device, dtype=torch.bool) for mask in keep_masks])
     hinv_diag = torch.diagonal(Hinv)
 
     with ieee_fp32_matmul(device):
@@ -192,11 +231,12 @@ def sparsify_weight(
             d1 = hinv_diag[i1:i2]
             mask1 = pruned[:, i1:i2].clone()
 
-            if keep_mask is None and m == 0:
-                scores = (W1 * W1 / (d1 * d1).unsqueeze(0)).flatten()
-                k = int(scores.numel() * sparsity)
-                order = torch.sort(scores, stable=True).indices[:k]
-                mask1 = mask1.flatten().index_fill(0, order, True).reshape(rows, count)
+            if keep_masks is None and m == 0:
+                for a, b in segments:  # each weight keeps its own budget
+                    scores = (W1[a:b] * W1[a:b] / (d1 * d1).unsqueeze(0)).flatten()
+                    k = int(scores.numel() * sparsity)
+                    order = torch.sort(scores, stable=True).indices[:k]
+                    mask1[a:b] = mask1[a:b].flatten().index_fill(0, order, True).reshape(b - a, count)
 
             for i in range(count):
                 if m > 0 and i % m == 0:
@@ -212,7 +252,8 @@ def sparsify_weight(
 
             W[:, i1:i2] = Q1
             pruned[:, i1:i2] = mask1
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            for a, b in segments:  # per weight: the same matmul shapes as solving it alone
+                W[a:b, i2:] -= Err1[a:b] @ Hinv[i1:i2, i2:]
 
         if not bool(torch.isfinite(W).all()):
             raise ValueError(
@@ -221,16 +262,19 @@ def sparsify_weight(
             )
         keep = ~pruned & ~dead.unsqueeze(0)
         W[~keep] = 0.0
-        dW = W0 - W
-        recon = float(((dW @ H) * dW).sum() / 2)  # H is undamped: prepare_inverse_hessian copies
-        base = float(((W0 @ H) * W0).sum() / 2)
-
-    stats = {
-        "sparsity": 1.0 - float(keep.sum()) / keep.numel(),
-        "recon_error": recon,
-        "recon_error_rel": recon / base if base > 0 else 0.0,
-        "damp_used": info["damp_used"],
-        "retries": info["retries"],
-        "dead_inputs": info["dead_inputs"],
-    }
-    return W.to(weight.dtype), keep, stats
+        results = []
+        for (a, b), weight in zip(segments, weights):
+            dW = W0[a:b] - W[a:b]
+            recon = float(((dW @ H) * dW).sum() / 2)  # H is undamped: prepare_inverse_hessian copies
+            base = float(((W0[a:b] @ H) * W0[a:b]).sum() / 2)
+            kept = keep[a:b]
+            stats = {
+                "sparsity": 1.0 - float(kept.sum()) / kept.numel(),
+                "recon_error": recon,
+                "recon_error_rel": recon / base if base > 0 else 0.0,
+                "damp_used": info["damp_used"],
+                "retries": info["retries"],
+                "dead_inputs": info["dead_inputs"],
+            }
+            results.append((W[a:b].to(weight.dtype), kept, stats))
+    return results

@@ -24,10 +24,10 @@ solve-phase transients do not really coexist):
   block's peak. SDPA with the flash/memory-efficient kernels (CUDA, and torch's CPU flash kernel)
   never materialises the tokens x tokens score matrix, so attention adds nothing quadratic; text
   encoder activations (a few hundred tokens, once per batch) are negligible;
-* **OBS solve** of the package's largest layer: SOLVE_HESSIAN_COPIES d x d float32 buffers (the
-  damped copy, its Cholesky factor, H^-1 and its upper Cholesky factor in
-  ``obs.prepare_inverse_hessian``, plus the device copy of H) and SOLVE_WEIGHT_COPIES float32 copies
-  of the weight (working copy, OBS update, mask, dW). Unstructured solves run on the weight's device,
+* **OBS solve** of the package's largest input group (its linears are solved together):
+  SOLVE_HESSIAN_COPIES d x d float32 buffers (the damped copy, its Cholesky factor, H^-1 and its upper
+  Cholesky factor in ``obs.prepare_inverse_hessian``, plus the device copy of H) and
+  SOLVE_WEIGHT_COPIES float32 copies of the group's stacked weights (working copy, OBS update, mask, dW). Unstructured solves run on the weight's device,
   structured ones next to the Hessians.
 
 Cached calibration adds the block-input cache (prompts x CFG calls x steps x tokens x hidden x bytes,
@@ -264,8 +264,9 @@ def _pending_guided_bytes(arch, groups: dict[str, nn.Linear], hessian_inputs: st
 def _package_layers(transformer: nn.Module, config) -> list[PackageLayers]:
     """Per package: (block indices, {Hessian key: linear whose input it holds}, solve groups of linears).
 
-    A solve group is the set of weights whose solver state coexists: one linear for unstructured OBS,
-    all out-projections of a heads unit (their pruners live together) or one down projection per FFN.
+    A solve group is the set of weights whose solver state coexists: the linears of one input group for
+    unstructured and N:M OBS (solved together on their shared Hessian), all out-projections of a heads unit
+    (their pruners live together, each with its own Hessian) or one down projection per FFN.
     """
     from .arch import blocks, parse_block_range
     from .prune import package_units
@@ -300,7 +301,7 @@ def _package_layers(transformer: nn.Module, config) -> list[PackageLayers]:
     for package in package_units(selected, config.packages):
         targets = [t for unit in package for t in unit]
         groups = {t.key: t.linears()[0][1] for t in targets}
-        solve = [[lin] for t in targets for _, lin in t.linears()]
+        solve = [[lin for _, lin in t.linears()] for t in targets]  # one OBS call per input group (shared H)
         out.append((sorted({t.block.index for t in targets}), groups, solve))
     return out
 
@@ -319,15 +320,17 @@ def _num_units(transformer: nn.Module, config) -> int:
 
 
 def _solve_bytes(linears: list[nn.Linear], method: str, pattern: str) -> int:
-    """Workspace of solving one group of linears (float32)."""
-    copies = STRUCTURED_HESSIAN_COPIES if pattern == "structured" else SOLVE_HESSIAN_COPIES
+    """Workspace of solving one group of linears (float32); unstructured/N:M groups share one Hessian."""
+    structured = pattern == "structured"
+    copies = STRUCTURED_HESSIAN_COPIES if structured else SOLVE_HESSIAN_COPIES
     total = 0
-    for lin in linears:
+    for i, lin in enumerate(linears):
         rows, cols = lin.weight.shape
         if method in ("magnitude", "wanda", "l1-norm"):
             total += 2 * rows * cols * 4  # score matrix and the new weight
         else:
-            total += copies * cols * cols * 4 + SOLVE_WEIGHT_COPIES * rows * cols * 4
+            hessians = copies * cols * cols * 4 if structured or i == 0 else 0
+            total += hessians + SOLVE_WEIGHT_COPIES * rows * cols * 4
     return total
 
 

@@ -28,7 +28,7 @@ from .baselines import magnitude_prune, wanda_prune
 from .calibrate import HESSIAN_INPUTS, calibrate
 from .distributed import all_equal, broadcast_module_, rank_and_world
 from .hessian import wanda_input_norm
-from .obs import check_sparsity_args, parse_pattern, sparsify_weight
+from .obs import check_sparsity_args, parse_pattern, sparsify_weights
 from .pipelines import pipeline_call
 from .schedules import WEIGHTINGS
 
@@ -225,24 +225,28 @@ def _peak_memory_bytes(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
-def _prune_linear(linear: nn.Linear, name: str, config: PruneConfig, n: int, m: int, acc) -> dict:
-    """Prune one linear in place by the configured method; return its per-layer record."""
-    sparsity = n / m if n else float(config.sparsity)
-    weight = linear.weight.data
+def _prune_group(linears: list[tuple[str, nn.Linear]], config: PruneConfig, n: int, m: int, acc) -> dict[str, dict]:
+    """Prune the linears of one input group in place by the configured method; return their per-layer records.
+
+    OBS methods solve the group in one call (one shared Hessian: one Cholesky factor, one column loop).
+    """
+    sparsity = 0.0 if n else float(config.sparsity)  # N:M implies its own sparsity
+    weights = [linear.weight.data for _, linear in linears]
     if config.method == "magnitude":
-        new, mask = magnitude_prune(weight, sparsity if not n else 0.0, n, m)
-        stats = {}
+        results = [(*magnitude_prune(w, sparsity, n, m), {}) for w in weights]
     elif config.method == "wanda":
-        new, mask = wanda_prune(weight, wanda_input_norm(acc).to(weight.device), sparsity if not n else 0.0, n, m)
-        stats = {}
+        norm = wanda_input_norm(acc)
+        results = [(*wanda_prune(w, norm.to(w.device), sparsity, n, m), {}) for w in weights]
     else:
-        new, mask, stats = sparsify_weight(
-            weight, acc.hessian, sparsity if not n else 0.0, n, m, config.block_size, config.damp, name=name
-        )
-    linear.weight.data.copy_(new.to(weight.dtype))
-    record = {"shape": list(weight.shape), "sparsity": float((linear.weight.data == 0).float().mean())}
-    record.update({k: (float(v) if isinstance(v, (int, float)) else v) for k, v in stats.items() if k != "sparsity"})
-    return record
+        results = sparsify_weights(weights, acc.hessian, sparsity, n, m, config.block_size, config.damp,
+                                   names=[name for name, _ in linears])
+    records = {}
+    for (name, linear), (new, _, stats) in zip(linears, results):
+        linear.weight.data.copy_(new.to(linear.weight.dtype))
+        record = {"shape": list(linear.weight.shape), "sparsity": float((linear.weight.data == 0).float().mean())}
+        record.update({k: (float(v) if isinstance(v, (int, float)) else v) for k, v in stats.items() if k != "sparsity"})
+        records[name] = record
+    return records
 
 
 def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_memory: bool = True) -> dict:
@@ -296,9 +300,10 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
     def prune_package(p: int, accumulators: dict) -> None:
         t0 = time.perf_counter()
         for t in package_targets[p]:
-            acc = accumulators.get(t.key)
-            for name, linear in t.linears():
-                layers[name] = _prune_linear(linear, name, config, n, m, acc) | {"package": p}
+            group = t.linears()
+            for name, record in _prune_group(group, config, n, m, accumulators.get(t.key)).items():
+                layers[name] = record | {"package": p}
+            for _, linear in group:
                 broadcast_module_(linear)  # no-op in one process; ranks stay identical under torchrun
         accumulators.clear()  # free this package's Hessians before the next calibration pass
         timings["solve_s"] += time.perf_counter() - t0

@@ -84,13 +84,14 @@ def test_propagated_hessians_equal_exact_ones_when_nothing_changes(random_dir, m
     import obsdiff_lite.prune as prune_module
 
     seen: dict[str, dict[str, torch.Tensor]] = {"exact": {}, "cached": {}}
-    original = prune_module._prune_linear
+    original = prune_module._prune_group
 
-    def recording(linear, name, config, n, m, acc):
-        seen[config.calibration][name] = acc.hessian.clone()
-        return original(linear, name, config, n, m, acc)
+    def recording(linears, config, n, m, acc):
+        for name, _ in linears:
+            seen[config.calibration][name] = acc.hessian.clone()
+        return original(linears, config, n, m, acc)
 
-    monkeypatch.setattr(prune_module, "_prune_linear", recording)
+    monkeypatch.setattr(prune_module, "_prune_group", recording)
     for mode in ("exact", "cached"):
         prune(load_pipeline(random_dir), PruneConfig(sparsity=0.0, packages="blocks", calibration=mode,
                                                      hessian_inputs=hessian_inputs, **FAST), progress=False)

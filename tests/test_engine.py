@@ -227,13 +227,14 @@ def test_guided_hessians_end_to_end(random_dir, caplog, monkeypatch):
     from obsdiff_lite.calibrate import guided_inputs
 
     rows: dict[str, dict[str, int]] = {"plain": {}, "guided": {}}
-    original = prune_module._prune_linear
+    original = prune_module._prune_group
 
-    def recording(linear, name, config, n, m, acc):
-        rows[config.hessian_inputs][name] = acc.num_rows
-        return original(linear, name, config, n, m, acc)
+    def recording(linears, config, n, m, acc):
+        for name, _ in linears:
+            rows[config.hessian_inputs][name] = acc.num_rows
+        return original(linears, config, n, m, acc)
 
-    monkeypatch.setattr(prune_module, "_prune_linear", recording)
+    monkeypatch.setattr(prune_module, "_prune_group", recording)
     weights = {}
     for mode in ("plain", "guided"):
         pipe = load_pipeline(random_dir)

@@ -288,3 +288,37 @@ def test_half_precision_weight_round_trip():
     assert new.dtype == torch.bfloat16
     assert (new[~keep] == 0).all()
     assert torch.equal(W, _problem(out=8, d=32, n=128, seed=13, dtype=torch.float32)[0])  # input untouched
+
+
+@pytest.mark.parametrize("pattern", [(0.5, 0, 0), (0.0, 2, 4), "mask"])
+def test_one_solve_for_weights_sharing_a_hessian_is_bit_identical_to_separate_solves(pattern):
+    """q/k/v read one input: solving them together (one column loop, one Cholesky) changes no bit of any result."""
+    from obsdiff_lite.obs import sparsify_weights
+
+    g = torch.Generator().manual_seed(5)
+    cols = 160  # two column blocks of 128 and 32
+    x = torch.randn(400, cols, generator=g)
+    x[:, 7] = 0.0  # a dead input
+    H = 2 * x.T @ x / x.shape[0]
+    weights = [torch.randn(rows, cols, generator=g) for rows in (48, 16, 33)]
+    if pattern == "mask":
+        masks = [torch.rand(w.shape, generator=g) > 0.4 for w in weights]
+        together = sparsify_weights(weights, H, keep_masks=masks, names=["q", "k", "v"])
+        alone = [sparsify_weight(w, H, keep_mask=mk, name=nm) for w, mk, nm in zip(weights, masks, "qkv")]
+    else:
+        sparsity, n, m = pattern
+        together = sparsify_weights(weights, H, sparsity, n, m, names=["q", "k", "v"])
+        alone = [sparsify_weight(w, H, sparsity, n, m, name=nm) for w, nm in zip(weights, "qkv")]
+    for (w_t, k_t, s_t), (w_a, k_a, s_a) in zip(together, alone):
+        assert torch.equal(w_t, w_a) and torch.equal(k_t, k_a)
+        assert s_t == s_a
+
+
+def test_weights_sharing_a_hessian_need_the_same_width():
+    from obsdiff_lite.obs import sparsify_weights
+
+    H = torch.eye(8)
+    with pytest.raises(ValueError, match="different in_features"):
+        sparsify_weights([torch.randn(4, 8), torch.randn(4, 6)], H, names=["a", "b"])
+    with pytest.raises(ValueError, match="one name per weight"):
+        sparsify_weights([torch.randn(4, 8)], H, names=["a", "b"])
