@@ -182,7 +182,7 @@ def _run_cached(pipe, arch, packages, prompts, call, prune_package, store: Cache
         with collect_hessians(pipe.transformer, arch, groups, tracker, hessian_device, guided) as accumulators:
             # The transformer itself is not called here: the step index comes from the cache instead.
             propagate(cache, all_blocks[start : end + 1], keep=False, on_call=lambda r: _set_step(tracker, r))
-            prune_package(p, accumulators)
+        prune_package(p, accumulators)
     return stats
 
 

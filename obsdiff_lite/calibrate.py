@@ -116,10 +116,11 @@ def guided_inputs(arch: ArchSpec, call: dict, hessian_inputs: str) -> GuidedInpu
 def collect_hessians(transformer: nn.Module, arch: ArchSpec, groups: dict[str, nn.Linear], tracker: StepTracker,
                      hessian_device: torch.device | str | None = None, guided: GuidedInputs | None = None):
     """Within the block, every forward of ``groups[key]`` adds its input (or, with ``guided``, the CFG-combined
-    input of both halves) to ``accumulators[key]``."""
+    input of both halves) to ``accumulators[key]``. Non-finite inputs raise (naming the layer) at the end of the
+    transformer call that produced them, or on leaving the block."""
     accumulators: dict[str, HessianAccumulator] = {}
 
-    def check_finite(module: nn.Module, args: tuple, output) -> None:
+    def check_finite(*_) -> None:
         # Once per transformer call rather than per layer: on a GPU every check waits for the device.
         if not all_finite(accumulators.values()):
             for key, acc in accumulators.items():
@@ -146,6 +147,7 @@ def collect_hessians(transformer: nn.Module, arch: ArchSpec, groups: dict[str, n
     finally:
         for h in handles:
             h.remove()
+    check_finite()  # also for callers that run blocks without calling the transformer (cached calibration)
 
 
 def calibrate(pipe, arch: ArchSpec, groups: dict[str, nn.Linear], prompts: list[str], call: dict, *,

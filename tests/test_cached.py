@@ -98,3 +98,16 @@ def test_propagated_hessians_equal_exact_ones_when_nothing_changes(random_dir, m
     assert seen["exact"].keys() == seen["cached"].keys() and len(seen["exact"]) > 8
     for name, exact in seen["exact"].items():
         assert torch.allclose(seen["cached"][name], exact, rtol=1e-4, atol=1e-6), name
+
+
+def test_cached_calibration_names_the_layer_with_non_finite_inputs(random_sd3_dir):
+    """Cached mode runs later packages' blocks without calling the transformer: leaving the collection still checks."""
+    pipe = load_pipeline(random_sd3_dir)
+    last = blocks(pipe.transformer)[-1]
+    linear = last.module.get_submodule("ff.net.2")
+    in_transformer = []  # NaN only in block-by-block propagation, so the dense trajectory stays finite
+    pipe.transformer.register_forward_pre_hook(lambda m, a: in_transformer.append(1))
+    pipe.transformer.register_forward_hook(lambda m, a, o: in_transformer.clear())
+    linear.register_forward_pre_hook(lambda m, a: None if in_transformer else (torch.full_like(a[0], float("nan")),))
+    with pytest.raises(ValueError, match=rf"activations of layer '{last.name}\.ff\.net\.2' contain NaN/inf"):
+        prune(pipe, PruneConfig(sparsity=0.5, packages="blocks", calibration="cached", **FAST), progress=False)
