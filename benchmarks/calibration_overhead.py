@@ -33,22 +33,20 @@ RESULTS = ROOT / "benchmarks" / "results" / "calibration_overhead.json"
 def multiply_adds(pipe, arch, prompts: list[str], call: dict, batch_size: int) -> dict:
     """Multiply-adds of one plain pass in the target linears vs in their Hessians (X^T X on the block upper
     triangle, one per shared input), counted by hooks: the floor of the overhead when the linears dominate."""
-    from obsdiff_lite.hessian import gram_block_size
+    from obsdiff_lite.hessian import gram_upper_products
 
     counts = {"linears": 0, "hessians": 0}
     handles = []
     for package in package_units(blocks(pipe.transformer, arch), 1):
         for target in (t for unit in package for t in unit):
             linears = [lin for _, lin in target.linears()]
-            d, block = linears[0].in_features, gram_block_size(linears[0].in_features)
-            k = -(-d // block)
-            upper = (k * (k + 1) / 2) / (k * k)  # fraction of the d x d products the block upper triangle computes
+            d = linears[0].in_features
             out = sum(lin.out_features for lin in linears)
 
-            def hook(module, args, d=d, out=out, upper=upper):
+            def hook(module, args, d=d, out=out, gram=gram_upper_products(d)):
                 rows = args[0].numel() // d
                 counts["linears"] += rows * d * out
-                counts["hessians"] += int(rows * d * d * upper)
+                counts["hessians"] += rows * gram
 
             handles.append(linears[0].register_forward_pre_hook(hook))
     try:

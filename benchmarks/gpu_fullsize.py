@@ -44,13 +44,12 @@ from obsdiff_lite.pipelines import run_pipeline  # noqa: E402
 from obsdiff_lite.prune import PruneConfig, prune  # noqa: E402
 
 FLUX_LATENCY_MIN_BYTES = 60 * 2**30  # dense + structured + 2:4 copies of Flux.1-dev in bfloat16 (about 24 GB each)
+_TINY_SD3 = {"num_layers": 3, "num_attention_heads": 2, "caption_projection_dim": 128, "pooled_projection_dim": 64,
+             "joint_attention_dim": 128}
 TINY = {
-    "sd3-medium": {"num_layers": 3, "num_attention_heads": 2, "caption_projection_dim": 128,
-                   "pooled_projection_dim": 64, "joint_attention_dim": 128},
-    "sd3.5-medium": {"num_layers": 3, "num_attention_heads": 2, "caption_projection_dim": 128,
-                     "pooled_projection_dim": 64, "joint_attention_dim": 128, "dual_attention_layers": (0, 1)},
-    "sd3.5-large": {"num_layers": 3, "num_attention_heads": 2, "caption_projection_dim": 128,
-                    "pooled_projection_dim": 64, "joint_attention_dim": 128},
+    "sd3-medium": _TINY_SD3,
+    "sd3.5-medium": {**_TINY_SD3, "dual_attention_layers": (0, 1)},
+    "sd3.5-large": _TINY_SD3,
     "flux-dev": {"num_layers": 2, "num_single_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16,
                  "axes_dims_rope": (4, 6, 6), "joint_attention_dim": 64, "pooled_projection_dim": 32},
 }

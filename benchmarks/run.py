@@ -190,8 +190,10 @@ def summarize() -> None:
     for path in sorted(RAW.glob("*.jsonl")):
         name = path.stem
         groups: dict[str, list[dict]] = {}
+        code: set[str] = set()
         for line in path.read_text().splitlines():
             r = json.loads(line)
+            code.add(r.get("code", "unrecorded"))
             setting = {k: v for k, v in r["run"].items() if k != "seed"}
             groups.setdefault(json.dumps(setting, sort_keys=True), []).append(r)
         rows = []
@@ -209,8 +211,7 @@ def summarize() -> None:
                     row[metric] = mean_ci(vals)
             rows.append(row)
         dense = {m: _dense_scores(m) for m in MODELS if (ROOT / "data" / m).exists()}
-        code = sorted({json.loads(line).get("code", "unrecorded") for line in path.read_text().splitlines()})
-        (RESULTS / f"{name}.json").write_text(json.dumps({"experiment": name, "code": code, "eval_prompts": EVAL_PROMPTS,
+        (RESULTS / f"{name}.json").write_text(json.dumps({"experiment": name, "code": sorted(code), "eval_prompts": EVAL_PROMPTS,
                                                          "eval_seed": EVAL_SEED, "calibration_prompts": CALIB_PROMPTS,
                                                          "command": f"python benchmarks/run.py {name}",
                                                          "dense": dense, "rows": rows}, indent=2) + "\n")

@@ -68,6 +68,12 @@ def gram_block_size(in_features: int) -> int:
     return in_features if in_features < 128 else -(-in_features // 4)
 
 
+def gram_upper_products(in_features: int) -> int:
+    """Entries of X^T X per input row that ``add_gram_upper_`` computes (of in_features^2): its cost per row."""
+    d, block = in_features, gram_block_size(in_features)
+    return sum(min(block, d - i) * (d - i) for i in range(0, d, block))
+
+
 def add_gram_upper_(target: Tensor, x: Tensor, beta: float, alpha: float, block: int) -> None:
     """target <- beta * target + alpha * x^T x on the block upper triangle only (blocks below it are left stale)."""
     d = x.shape[1]

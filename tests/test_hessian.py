@@ -230,3 +230,12 @@ def test_float32_square_overflow_is_refused_before_the_state_changes():
     with pytest.raises(ValueError, match="'ff.net.2'.*overflow"):
         acc.add_batch(x)
     assert torch.equal(acc.hessian, before) and acc.num_rows == 3
+
+
+@pytest.mark.parametrize("width", [64, 130, 256, 333])
+def test_gram_upper_products_counts_what_add_gram_upper_computes(width):
+    from obsdiff_lite.hessian import add_gram_upper_, gram_block_size, gram_upper_products
+
+    target = torch.full((width, width), float("nan"))
+    add_gram_upper_(target, torch.ones(1, width), beta=0.0, alpha=1.0, block=gram_block_size(width))
+    assert gram_upper_products(width) == int(torch.isfinite(target).sum())
