@@ -105,6 +105,17 @@ def experiment_runs(name: str) -> list[dict]:
             for inputs in ("plain", "guided", "guided-image"):
                 runs += [dict(model="tiny-sd3", method="obs-diff", pattern=pattern, sparsity=sparsity, seed=s,
                               num_prompts=100, hessian_inputs=inputs) for s in range(5)]
+    elif name == "refit":  # beyond the paper: least-squares re-fit of the kept weights (paired with "quality")
+        for model in MODELS:
+            for pattern, sparsity in [("unstructured", s) for s in (0.5, 0.6, 0.7)] + [("2:4", None), ("4:8", None)]:
+                runs += [dict(model=model, method="obs-diff", pattern=pattern, sparsity=sparsity, seed=s, refit=True)
+                         for s in range(5)]
+        for num_prompts in (16, 100):  # with guided Hessians, and with the paper's 100 prompts (paper_calibration)
+            for inputs in (("guided",) if num_prompts == 16 else ("plain", "guided")):
+                for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
+                    runs += [dict(model="tiny-sd3", method="obs-diff", pattern=pattern, sparsity=sparsity, seed=s,
+                                  hessian_inputs=inputs, refit=True, **({"num_prompts": 100} if num_prompts == 100 else {}))
+                             for s in range(5)]
     else:
         raise SystemExit(f"unknown experiment {name!r}")
     return runs
@@ -279,7 +290,7 @@ def plots() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", choices=["quality", "weighting", "packages", "calibration_size", "structured", "structured_parts", "structured_selection", "hessian_inputs", "paper_calibration",
-                                               "summarize",
+                                               "refit", "summarize",
                                                "plots"])
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th run starting at i")
     parser.add_argument("--threads", type=int, default=1)

@@ -81,6 +81,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="plain: Hessians from both CFG halves (the paper) | guided: from s*x_cond + (1-s)*x_uncond, "
                         "the inputs combined as CFG combines the predictions | guided-image: the same for layers that "
                         "read image tokens only, plain for the others (both beyond the paper)")
+    p.add_argument("--refit", action="store_true",
+                   help="after OBS chooses the mask, re-fit the kept weights by least squares on the same Hessian "
+                        "(beyond the paper; unstructured and N:M with obs-diff or sparsegpt)")
     p.add_argument("--refresh-every", type=int, default=0, help="cached mode: re-run the trajectory every K packages")
     p.add_argument("--cache-device", default=None, help="cached mode: keep block inputs here: cpu, or disk / disk:/DIR (memory-mapped files)")
     _add_model_args(p)
@@ -102,7 +105,7 @@ def _prune_config(args):
         prompts=prompts, steps=args.steps, guidance=args.guidance, seed=args.seed, blocks=args.blocks,
         damp=args.damp, batch_size=args.batch_size, hessian_device=args.hessian_device,
         calibration=args.calibration, refresh_every=args.refresh_every, cache_device=args.cache_device,
-        hessian_inputs=args.hessian_inputs,
+        hessian_inputs=args.hessian_inputs, refit=args.refit,
     )
 
 

@@ -12,6 +12,12 @@ Using the upper Cholesky factor of H^-1 makes every step an exact OBS update
 restricted to the columns that are not processed yet. Linears that share an
 input (and so H) are solved in one call, `sparsify_weights`: their rows are
 independent, so they go through one column loop with one Cholesky factor.
+
+That left-to-right pass never revisits a column: once column i is done, the
+weights kept in it stay as they were when the later columns were pruned. So for
+the mask it chooses, its weights are not the least-squares optimum. `refit_kept_weights`
+(beyond the paper; `--refit`) solves that optimum, with the mask fixed, by
+conjugate gradients over all rows at once.
 """
 from __future__ import annotations
 
@@ -28,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 _PATTERN_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _MIN_RETRY_DAMP = 1e-4
+REFIT_ITERS = 100  # conjugate-gradient cap for --refit; tiny-sd3's layers reach the float32 tolerance in 30-120
+REFIT_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}  # relative residual per row at which the re-fit stops
 
 
 def _layer(name: str) -> str:
@@ -116,6 +124,65 @@ def prepare_inverse_hessian(
     )
 
 
+def damped_hessian(hessian: Tensor, damp: float) -> Tensor:
+    """H + damp * mean|diag H| * I with dead inputs' zero diagonal set to 1 first: the matrix the OBS solve inverts."""
+    H = hessian.clone()
+    diag = torch.diagonal(H)
+    diag[diag == 0] = 1.0
+    diag.add_(damp * diag.abs().mean())
+    return H
+
+
+def refit_kept_weights(
+    original: Tensor, weight: Tensor, hessian: Tensor, keep: Tensor, max_iters: int = REFIT_ITERS,
+    tol: float | None = None,
+) -> tuple[Tensor, dict]:
+    """argmin over W with W[~keep] = 0 of trace((W - original) H (W - original)^T), by CG started at ``weight``.
+
+    Each row is an independent least-squares problem on its kept inputs, H_KK w_K = (H original_r)_K; the rows
+    run as one batched Jacobi-preconditioned conjugate-gradient loop (one [rows, d] @ [d, d] matmul per step),
+    which stops when every row's residual is below ``tol`` (default ``REFIT_TOL`` of the dtype) relative to its
+    right-hand side, or after ``max_iters`` steps. ``hessian`` should
+    be positive definite (pass the damped one). CG only lowers the objective from its start, so the result is
+    never worse than ``weight`` (in floating point this is checked, and ``weight`` kept if it were).
+    """
+    tol = REFIT_TOL.get(weight.dtype, REFIT_TOL[torch.float32]) if tol is None else tol
+    if max_iters < 0 or not tol > 0:
+        raise ValueError(f"need max_iters >= 0 and tol > 0, got {max_iters} and {tol}")
+    mask = keep.to(weight.dtype)
+    W = weight * mask
+    B = (original @ hessian) * mask
+    R = B - (W @ hessian) * mask
+    b_norm = B.norm(dim=1).clamp_min(torch.finfo(W.dtype).tiny)
+    del B  # the planner (plan.REFIT_WEIGHT_COPIES) counts the buffers alive in the loop
+    inv_diag = 1.0 / torch.diagonal(hessian)
+    Z = R * inv_diag
+    P = Z.clone()
+    rz = (R * Z).sum(1)
+    iters, residual = 0, float((R.norm(dim=1) / b_norm).max())
+    while iters < max_iters and residual > tol:
+        AP = (P @ hessian) * mask
+        curvature = (P * AP).sum(1)
+        alpha = torch.where(curvature > 0, rz / curvature, torch.zeros_like(rz))
+        W.addcmul_(alpha.unsqueeze(1), P)
+        R.addcmul_(alpha.unsqueeze(1), AP, value=-1.0)
+        Z = R * inv_diag
+        rz_next = (R * Z).sum(1)
+        beta = torch.where(rz > 0, rz_next / rz, torch.zeros_like(rz))
+        P = Z + beta.unsqueeze(1) * P
+        rz = rz_next
+        iters += 1
+        residual = float((R.norm(dim=1) / b_norm).max())
+
+    def objective(x: Tensor) -> float:
+        delta = x - original
+        return float(((delta @ hessian) * delta).sum())
+
+    improved = bool(torch.isfinite(W).all()) and objective(W) <= objective(weight * mask)
+    return (W if improved else weight * mask), {"refit_iters": iters, "refit_residual": residual,
+                                                  "refit_kept_start": not improved}
+
+
 def obs_single_removal(weight_row: Tensor, hinv: Tensor, q: int) -> tuple[Tensor, float]:
     """Textbook OBS: zero w_q, update the row by -w_q/[H^-1]_qq * H^-1[:, q]; return (row, w_q^2/[H^-1]_qq)."""
     # The saliency w_q^2 / [H^-1]_qq (paper's form) equals dw^T H dw of the update;
@@ -137,10 +204,11 @@ def sparsify_weight(
     damp: float = 0.01,
     keep_mask: Tensor | None = None,
     name: str = "",
+    refit_iters: int = 0,
 ) -> tuple[Tensor, Tensor, dict]:
     """OBS-prune weight [out, in] given H [in, in]; return (weight in input dtype, bool keep-mask, stats)."""
     return sparsify_weights([weight], hessian, sparsity, n, m, block_size, damp,
-                            None if keep_mask is None else [keep_mask], [name])[0]
+                            None if keep_mask is None else [keep_mask], [name], refit_iters)[0]
 
 
 def sparsify_weights(
@@ -153,6 +221,7 @@ def sparsify_weights(
     damp: float = 0.01,
     keep_masks: list[Tensor] | None = None,
     names: list[str] | None = None,
+    refit_iters: int = 0,
 ) -> list[tuple[Tensor, Tensor, dict]]:
     """OBS-prune weights [out_i, in] that share one H [in, in] (one input group) in one solve; per weight as above.
 
@@ -170,6 +239,8 @@ def sparsify_weights(
     # `score <= thresh` prunes one more, plus ties).
     # stats["recon_error"] = trace(dW H dW^T) / 2 with the undamped H, i.e. the mean
     # over calibration rows of ||dW x||^2 when H = mean(2 x x^T).
+    # refit_iters > 0 (beyond the paper): afterwards the kept weights are re-fitted by least squares
+    # (refit_kept_weights) on the same damped H; the masks stay; stats["recon_error_obs"] is the error before.
     names = list(names) if names is not None else [""] * len(weights)
     if not weights or len(names) != len(weights):
         raise ValueError(f"need one or more weights and one name per weight, got {len(weights)} and {len(names)}")
@@ -196,6 +267,8 @@ def sparsify_weights(
         check_sparsity_args(cols, sparsity, n, m, name)
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if refit_iters < 0:
+        raise ValueError(f"refit_iters must be >= 0, got {refit_iters}")
     if m > 0:  # N:M groups must not straddle blocks
         block_size = max(m, block_size - block_size % m)
 
@@ -262,10 +335,18 @@ def sparsify_weights(
             )
         keep = ~pruned & ~dead.unsqueeze(0)
         W[~keep] = 0.0
+
+        def recon_error(Wx: Tensor, a: int, b: int) -> float:
+            dW = W0[a:b] - Wx[a:b]
+            return float(((dW @ H) * dW).sum() / 2)  # H is undamped: prepare_inverse_hessian copies
+
+        refit = {}
+        if refit_iters > 0:
+            obs_errors = [recon_error(W, a, b) for a, b in segments]
+            W, refit = refit_kept_weights(W0, W, damped_hessian(H, info["damp_used"]), keep, refit_iters)
         results = []
-        for (a, b), weight in zip(segments, weights):
-            dW = W0[a:b] - W[a:b]
-            recon = float(((dW @ H) * dW).sum() / 2)  # H is undamped: prepare_inverse_hessian copies
+        for i, ((a, b), weight) in enumerate(zip(segments, weights)):
+            recon = recon_error(W, a, b)
             base = float(((W0[a:b] @ H) * W0[a:b]).sum() / 2)
             kept = keep[a:b]
             stats = {
@@ -276,5 +357,7 @@ def sparsify_weights(
                 "retries": info["retries"],
                 "dead_inputs": info["dead_inputs"],
             }
+            if refit:
+                stats |= refit | {"recon_error_obs": obs_errors[i]}
             results.append((W[a:b].to(weight.dtype), kept, stats))
     return results

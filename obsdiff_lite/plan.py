@@ -28,7 +28,8 @@ solve-phase transients do not really coexist):
   SOLVE_HESSIAN_COPIES d x d float32 buffers (the damped copy, its Cholesky factor, H^-1 and its upper
   Cholesky factor in ``obs.prepare_inverse_hessian``, plus the device copy of H) and
   SOLVE_WEIGHT_COPIES float32 copies of the group's stacked weights (working copy, OBS update, mask, dW). Unstructured solves run on the weight's device,
-  structured ones next to the Hessians.
+  structured ones next to the Hessians. ``--refit`` adds one d x d buffer (the damped Hessian) and
+  REFIT_WEIGHT_COPIES more weight-sized buffers (the conjugate-gradient state in ``obs.refit_kept_weights``).
 
 Cached calibration adds the block-input cache (prompts x CFG calls x steps x tokens x hidden x bytes,
 twice while it is carried forward to the next package) on ``cache_device``.
@@ -67,6 +68,7 @@ GB = 1e9
 ACTIVATION_FACTOR = 12  # hidden-widths per token alive at a block's peak (see the module docstring)
 SOLVE_HESSIAN_COPIES = 5  # d x d float32 buffers alive inside one OBS solve
 SOLVE_WEIGHT_COPIES = 4  # float32 copies of the weight alive inside one OBS solve
+REFIT_WEIGHT_COPIES = 6  # --refit: mask, residual, preconditioned residual, direction, H @ direction, a temporary
 STRUCTURED_HESSIAN_COPIES = 7  # structured.ColumnPruner: + the live-column H and H^-1 = U^T U
 HESSIAN_BYTES = 4  # HessianAccumulator keeps float32
 TINY_BAND = (0.9, 2.0)  # tests: estimate / measured peak on the tiny models (see the docstring)
@@ -319,7 +321,7 @@ def _num_units(transformer: nn.Module, config) -> int:
     return sum(len(block_units(all_blocks[i])) for i in parse_block_range(config.blocks, len(all_blocks)))
 
 
-def _solve_bytes(linears: list[nn.Linear], method: str, pattern: str) -> int:
+def _solve_bytes(linears: list[nn.Linear], method: str, pattern: str, refit: bool = False) -> int:
     """Workspace of solving one group of linears (float32); unstructured/N:M groups share one Hessian."""
     structured = pattern == "structured"
     copies = STRUCTURED_HESSIAN_COPIES if structured else SOLVE_HESSIAN_COPIES
@@ -329,8 +331,8 @@ def _solve_bytes(linears: list[nn.Linear], method: str, pattern: str) -> int:
         if method in ("magnitude", "wanda", "l1-norm"):
             total += 2 * rows * cols * 4  # score matrix and the new weight
         else:
-            hessians = copies * cols * cols * 4 if structured or i == 0 else 0
-            total += hessians + SOLVE_WEIGHT_COPIES * rows * cols * 4
+            hessians = (copies + refit) * cols * cols * 4 if structured or i == 0 else 0
+            total += hessians + (SOLVE_WEIGHT_COPIES + refit * REFIT_WEIGHT_COPIES) * rows * cols * 4
     return total
 
 
@@ -395,7 +397,7 @@ def plan_memory(model, config, device="cpu", batch_size: int | None = None, num_
         if needs_data:
             activations = rows * hidden * nbytes * ACTIVATION_FACTOR + rows * d_max * 4 + d_max * d_max * 4
             activations += _pending_guided_bytes(arch_spec, groups, config.hessian_inputs, call, batch * tokens, nbytes)
-        solve = max((_solve_bytes(g, config.method, config.pattern) for g in solve_groups), default=0)
+        solve = max((_solve_bytes(g, config.method, config.pattern, config.refit) for g in solve_groups), default=0)
         solve_dev = hess_dev if structured else compute
         by_device = {compute: model_bytes + activations}
         for dev, amount in ((hess_dev, hessians), (solve_dev, solve), (cache_dev, cache)):

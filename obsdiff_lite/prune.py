@@ -28,7 +28,7 @@ from .baselines import magnitude_prune, wanda_prune
 from .calibrate import HESSIAN_INPUTS, calibrate
 from .distributed import all_equal, broadcast_module_, rank_and_world
 from .hessian import wanda_input_norm
-from .obs import check_sparsity_args, parse_pattern, sparsify_weights
+from .obs import REFIT_ITERS, check_sparsity_args, parse_pattern, sparsify_weights
 from .pipelines import pipeline_call
 from .schedules import WEIGHTINGS
 
@@ -72,6 +72,7 @@ class PruneConfig:
     refresh_every: int = 0  # cached mode: re-run the trajectory with the current model every K packages
     cache_device: str | None = None  # cached mode: where block inputs are kept (default: the model's device)
     hessian_inputs: str = "plain"  # plain (paper) | guided | guided-image: CFG-combined inputs (calibrate.py)
+    refit: bool = False  # beyond the paper: least-squares re-fit of the kept weights after OBS (obs.refit_kept_weights)
 
     def validate(self) -> None:
         """Refuse impossible settings with one readable line each."""
@@ -87,6 +88,11 @@ class PruneConfig:
             raise ValueError("--head-selection / --ffn-multiple apply only to --pattern structured")
         else:
             self._validate_sparsity()
+        if self.refit and (self.pattern == "structured" or self.method not in ("obs-diff", "sparsegpt")):
+            raise ValueError(
+                "--refit re-fits the weights that OBS keeps (unstructured or N:M, --method obs-diff or sparsegpt); "
+                "structured OBS already solves its kept weights exactly"
+            )
         self._validate_common()
 
     def _validate_structured(self) -> None:
@@ -239,7 +245,7 @@ def _prune_group(linears: list[tuple[str, nn.Linear]], config: PruneConfig, n: i
         results = [(*wanda_prune(w, norm.to(w.device), sparsity, n, m), {}) for w in weights]
     else:
         results = sparsify_weights(weights, acc.hessian, sparsity, n, m, config.block_size, config.damp,
-                                   names=[name for name, _ in linears])
+                                   names=[name for name, _ in linears], refit_iters=REFIT_ITERS if config.refit else 0)
     records = {}
     for (name, linear), (new, _, stats) in zip(linears, results):
         linear.weight.data.copy_(new.to(linear.weight.dtype))

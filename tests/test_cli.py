@@ -41,6 +41,14 @@ def test_nm_pattern_implies_sparsity(random_flux_dir, tmp_path):
     assert info["target_sparsity"] == 0.5 and info["arch"] == "flux"
 
 
+def test_refit_flag_reaches_the_solver(random_flux_dir, tmp_path):
+    out = tmp_path / "refit"
+    assert main(["prune", str(random_flux_dir), "--output", str(out), "--pattern", "2:4", "--refit", *FAST]) == 0
+    info = json.loads((out / "obsdiff.json").read_text())
+    assert info["config"]["refit"] is True
+    assert all(v["recon_error"] <= v["recon_error_obs"] * (1 + 1e-6) for v in info["layers"].values())
+
+
 def _bad_cases(model, tmp_path):
     nonempty = tmp_path / "nonempty"
     nonempty.mkdir()
@@ -69,6 +77,7 @@ def _bad_cases(model, tmp_path):
         "unsupported dtype": (["prune", model, "--output", out, "--dtype", "float64"], "float32"),
         "output not empty": (["prune", model, "--output", str(nonempty)], "--overwrite"),
         "N:M with other sparsity": (["prune", model, "--output", out, "--pattern", "2:4", "--sparsity", "0.3"], "implies"),
+        "refit without OBS": (["prune", model, "--output", out, "--method", "magnitude", "--refit"], "--refit"),
     }
     if not torch.cuda.is_available():  # on a GPU machine this request is legitimate
         cases["cuda without cuda"] = (["prune", model, "--output", out, "--device", "cuda"], "CUDA")

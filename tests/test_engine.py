@@ -189,6 +189,8 @@ def test_one_package_per_block_follows_block_boundaries(random_flux_dir):
         (dict(packages="all"), "one per block"),
         (dict(blocks="9:3"), "blocks"),
         (dict(prompts=[]), "empty"),
+        (dict(refit=True, method="wanda"), "--refit"),
+        (dict(refit=True, pattern="structured", sparsity=0.25), "structured OBS already"),
     ],
 )
 def test_bad_config_is_refused_before_work(random_sd3_dir, kwargs, match):
@@ -324,3 +326,24 @@ def test_sd35_dual_attention_is_pruned_like_the_other_linears(random_sd35_dual_d
     (latents,) = run_pipeline(pipe, ["a red circle"], 0, call_kwargs(pipe.obsdiff_generation), progress=False,
                               output_type="latent")
     assert torch.isfinite(latents).all()
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_refit_keeps_the_obs_masks_and_lowers_every_layers_error(random_dir, pattern):
+    """--refit changes only the kept weights: the same zeros as plain OBS-Diff, each layer's error at most OBS's."""
+    sparsity = 0.6 if pattern == "unstructured" else None
+    config = dict(pattern=pattern, sparsity=sparsity, packages=1, **FAST)
+    plain, refit = load_pipeline(random_dir), load_pipeline(random_dir)
+    plain_report = prune(plain, PruneConfig(**config), progress=False)
+    report = prune(refit, PruneConfig(refit=True, **config), progress=False)
+    targets, plain_targets = _targets(refit), _targets(plain)
+    assert set(report["layers"]) == set(targets)
+    for name, linear in targets.items():
+        assert torch.equal(linear.weight == 0, plain_targets[name].weight == 0), name
+        layer = report["layers"][name]
+        assert layer["recon_error_obs"] == pytest.approx(plain_report["layers"][name]["recon_error"], rel=1e-5)
+        assert layer["recon_error"] <= layer["recon_error_obs"] * (1 + 1e-6), name
+        assert 0 < layer["refit_iters"] <= 100 and not layer["refit_kept_start"]
+    total = sum(v["recon_error"] for v in report["layers"].values())
+    assert total < 0.95 * sum(v["recon_error_obs"] for v in report["layers"].values())
+    assert report["config"]["refit"] is True

@@ -322,3 +322,86 @@ def test_weights_sharing_a_hessian_need_the_same_width():
         sparsify_weights([torch.randn(4, 8), torch.randn(4, 6)], H, names=["a", "b"])
     with pytest.raises(ValueError, match="one name per weight"):
         sparsify_weights([torch.randn(4, 8)], H, names=["a", "b"])
+
+
+# (c) least-squares re-fit of the kept weights (beyond the paper: --refit) ---------------------------
+
+
+def _damped_rowwise_optimum(W0, H, keep, damp):
+    """Reference: per row, the exact minimiser of (w - w0)^T Hd (w - w0) with w = 0 outside keep (float64)."""
+    from obsdiff_lite.obs import damped_hessian
+
+    Hd = damped_hessian(H.double(), damp)
+    W0 = W0.double()
+    out = torch.zeros_like(W0)
+    for r in range(W0.shape[0]):
+        k, p = keep[r], ~keep[r]
+        out[r, k] = W0[r, k] + torch.linalg.solve(Hd[k][:, k], Hd[k][:, p] @ W0[r, p])
+    return out
+
+
+@pytest.mark.parametrize("pattern", [dict(sparsity=0.5), dict(n=2, m=4), dict(sparsity=0.7, block_size=4)])
+def test_refit_reaches_the_least_squares_optimum_of_the_obs_mask(pattern):
+    """Undamped, the re-fit is brute-force least squares on the kept inputs; the mask is the one OBS chose."""
+    W, X, H = _problem(out=8, d=16, n=64, seed=21)
+    plain, plain_keep, plain_stats = sparsify_weight(W, H, damp=0.0, **pattern)
+    new, keep, stats = sparsify_weight(W, H, damp=0.0, refit_iters=200, **pattern)
+    assert torch.equal(keep, plain_keep) and torch.equal(new != 0, keep)
+    torch.testing.assert_close(new, _lstsq_refit(W, X, keep), rtol=1e-7, atol=1e-9)
+    assert stats["recon_error"] == pytest.approx(_out_err(W, new, X), rel=1e-9)
+    assert stats["recon_error_obs"] == pytest.approx(plain_stats["recon_error"], rel=1e-12)
+    assert stats["recon_error"] < 0.95 * plain_stats["recon_error"]  # the one-pass update leaves a gap (8-19% here)
+    assert stats["refit_residual"] <= 1e-12 and not stats["refit_kept_start"]
+
+
+def test_refit_with_damping_solves_the_damped_problem_in_float32():
+    """float32 CG on a 160-wide layer (two column blocks) lands on the float64 damped optimum."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(600, 160, generator=g) * torch.exp(torch.randn(160, generator=g))
+    x[:, 11] = 0.0  # a dead input: pruned, and never given weight back
+    H = 2 * x.T @ x / x.shape[0]
+    W = torch.randn(40, 160, generator=g)
+    new, keep, stats = sparsify_weight(W, H, n=2, m=4, damp=0.01, refit_iters=100)
+    assert new.dtype == torch.float32 and not bool(keep[:, 11].any()) and torch.equal(new != 0, keep)
+    zeros = (new == 0).reshape(40, -1, 4).sum(-1)
+    assert bool((zeros >= 2).all())
+    expected = _damped_rowwise_optimum(W, H, keep, 0.01)
+    assert float((new.double() - expected).norm() / expected.norm()) < 1e-4
+    assert stats["recon_error"] < stats["recon_error_obs"]
+
+
+def test_refit_of_weights_sharing_a_hessian_matches_refitting_each():
+    """One CG loop over q/k/v's rows: each row is its own problem, so the result matches per-weight re-fits."""
+    from obsdiff_lite.obs import sparsify_weights
+
+    W, X, H = _problem(out=24, d=16, n=64, seed=4)
+    weights = [W[:8], W[8:12], W[12:]]
+    together = sparsify_weights(weights, H, 0.5, refit_iters=200, names=["q", "k", "v"])
+    for w, (w_t, k_t, s_t) in zip(weights, together):
+        w_a, k_a, s_a = sparsify_weight(w, H, 0.5, refit_iters=200)
+        assert torch.equal(k_t, k_a)
+        torch.testing.assert_close(w_t, w_a, rtol=1e-8, atol=1e-10)
+        assert s_t["recon_error"] == pytest.approx(s_a["recon_error"], rel=1e-8)
+
+
+def test_refit_never_ends_worse_than_its_start():
+    """Bad curvature (an indefinite matrix) stops CG where it is; max_iters=0 returns the start; bad args refuse."""
+    from obsdiff_lite.obs import refit_kept_weights
+
+    g = torch.Generator().manual_seed(0)
+    W0 = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    keep = torch.rand(6, 8, generator=g) > 0.5
+    start = W0 * keep
+    indefinite = torch.diag(torch.tensor([1.0, -1, 1, -1, 1, -1, 1, -1], dtype=torch.float64))
+    out, info = refit_kept_weights(W0, start, indefinite, keep)
+
+    def objective(x):
+        return float((((x - W0) @ indefinite) * (x - W0)).sum())
+
+    assert objective(out) <= objective(start) and torch.equal(out != 0, (out != 0) & keep)
+    same, info = refit_kept_weights(W0, start, torch.eye(8, dtype=torch.float64), keep, max_iters=0)
+    assert torch.equal(same, start) and info["refit_iters"] == 0
+    with pytest.raises(ValueError, match="max_iters"):
+        refit_kept_weights(W0, start, torch.eye(8, dtype=torch.float64), keep, max_iters=-1)
+    with pytest.raises(ValueError, match="refit_iters"):
+        sparsify_weight(W0, torch.eye(8, dtype=torch.float64), 0.5, refit_iters=-2)

@@ -71,7 +71,8 @@ def _measured_peak(pipe, config) -> int:
 @pytest.mark.parametrize("model, settings", [
     ("sd3", dict(packages=2)),
     ("flux", dict(pattern="structured", sparsity=0.3, packages=2)),
-], ids=["sd3-unstructured", "flux-structured"])
+    ("sd3", dict(pattern="2:4", sparsity=None, packages=1, refit=True)),
+], ids=["sd3-unstructured", "flux-structured", "sd3-2:4-refit"])
 def test_estimate_bounds_the_measured_peak(random_sd3_dir, random_flux_dir, model, settings):
     """Estimate / (model bytes + measured peak during prune) lies in TINY_BAND (seen: 0.98 .. 1.30).
 
@@ -110,6 +111,17 @@ def test_sd3_medium_paper_setting():
                    dtype="float16")
     assert cpu.peak_bytes("cpu") == max(p.hessian_bytes for p in four.packages)
     assert cpu.peak_bytes() == four.peak_bytes() - cpu.peak_bytes("cpu")
+
+
+def test_refit_adds_its_conjugate_gradient_buffers_to_the_solve():
+    """--refit: one more d x d buffer and REFIT_WEIGHT_COPIES weight-sized ones for the largest input group."""
+    from obsdiff_lite.plan import REFIT_WEIGHT_COPIES
+
+    plain, refit = (plan_for("sd3-medium", PruneConfig(pattern="2:4", sparsity=None, refit=r), device="cuda",
+                             dtype="float16") for r in (False, True))
+    # SD3-medium's largest solve group is ff.net.2 (1536 x 6144): its Hessian is 6144 wide.
+    extra = 6144**2 * 4 + REFIT_WEIGHT_COPIES * 1536 * 6144 * 4
+    assert {r.solve_bytes - p.solve_bytes for p, r in zip(plain.packages, refit.packages)} == {extra}
 
 
 def test_refuses_before_calibrating_with_suggestions(random_sd3_dir, monkeypatch, tmp_path, capsys):
