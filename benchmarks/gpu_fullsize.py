@@ -12,8 +12,8 @@ the JSON is rewritten after every part, so a run cut short keeps what it measure
     FFN neurons of blocks 1..N-2), interleaved repeats, medians. Paper (Table 5, ONE block of
     SD3.5-large on an RTX 4090): 2:4 1.23x, structured 30% 1.31x.
 ``prune``
-    OBS-Diff at 50% unstructured for each ``--prune-runs`` entry MODE:PACKAGES (e.g. ``exact:4``,
-    ``cached:24``) over a reduced calibration set (``--prompts`` x ``--steps`` at 512x512, CFG 7,
+    OBS-Diff at 50% unstructured for each ``--prune-runs`` entry MODE:PACKAGES[:refit] (e.g. ``exact:4``,
+    ``cached:24``, ``exact:4:refit`` with the least-squares re-fit after each OBS solve) over a reduced calibration set (``--prompts`` x ``--steps`` at 512x512, CFG 7,
     batch 4): calibration and solve time, peak GPU memory, and one plain pipeline pass over the same
     prompts (for the calibration overhead). Projected to the paper's 100 prompts x 25 steps:
     calibration scales with prompts x steps, solves do not. Paper (Table 8): 14.95 min and 24.05 GB
@@ -74,8 +74,8 @@ def _pipeline(args, model: str, device, dtype):
 
 
 def prune_run(args, spec: str, device, dtype) -> dict:
-    """Prune a random full-size SD3-medium with OBS-Diff (MODE:PACKAGES) and project to the paper's setting."""
-    mode, packages = spec.split(":")
+    """Prune a random full-size SD3-medium with OBS-Diff (MODE:PACKAGES[:refit]) and project to the paper's setting."""
+    mode, packages, *refit = spec.split(":")
     pipe = _pipeline(args, args.model, device, dtype)
     call = {"num_inference_steps": args.steps, "guidance_scale": 7.0, "height": args.resolution,
             "width": args.resolution, "max_sequence_length": args.text_tokens}
@@ -90,11 +90,11 @@ def prune_run(args, spec: str, device, dtype) -> dict:
         plain_pass_s = time.perf_counter() - t0
     _free(device)
     report = prune(pipe, PruneConfig(sparsity=0.5, packages=int(packages), prompts=prompts, batch_size=4,
-                                     calibration=mode), progress=not args.quiet)
+                                     calibration=mode, refit=bool(refit)), progress=not args.quiet)
     t = report["timings"]
     scale = (100 * 25) / (args.prompts * args.steps)
     passes = int(packages) if mode == "exact" else 1
-    out = {"mode": mode, "packages": int(packages), "prompts": args.prompts, "steps": args.steps,
+    out = {"mode": mode, "packages": int(packages), "refit": bool(refit), "prompts": args.prompts, "steps": args.steps,
            "resolution": args.resolution, "text_tokens": args.text_tokens + 77,
            "plain_pass_s": plain_pass_s, "calibration_s": t["calibration_s"], "solve_s": t["solve_s"],
            "total_s": t["total_s"], "calibration_overhead_vs_plain_passes": t["calibration_s"] / (passes * plain_pass_s) - 1,
@@ -281,7 +281,8 @@ def main() -> None:
                         help="2:4 kernels timed for --model")
     parser.add_argument("--flux-sparse-backends", nargs="*", default=["cusparselt"],
                         help="2:4 kernels timed for Flux (each is another 12B-parameter copy in GPU memory)")
-    parser.add_argument("--prune-runs", nargs="+", default=["exact:4", "cached:24"], help="MODE:PACKAGES each")
+    parser.add_argument("--prune-runs", nargs="+", default=["exact:4", "cached:24"],
+                        help="MODE:PACKAGES[:refit] each, MODE exact|cached")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--resolution", type=int, default=512)
@@ -294,14 +295,15 @@ def main() -> None:
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_fullsize.json")
     args = parser.parse_args()
+    for spec in args.prune_runs:
+        mode, packages, *rest = spec.split(":") + ([] if ":" in spec else [""])
+        if mode not in ("exact", "cached") or not packages.isdigit() or rest not in ([], ["refit"]):
+            parser.error(f"--prune-runs entries are MODE:PACKAGES[:refit] with MODE exact|cached, got {spec!r}")
     if args.tiny:
         args.dtype, args.prompts, args.steps, args.resolution = "float32", 1, 2, 64
         args.latency_resolution, args.text_tokens, args.warmup, args.repeats = 64, 8, 1, 2
-        args.prune_runs = [r if int(r.split(":")[1]) <= 3 else r.split(":")[0] + ":3" for r in args.prune_runs]
-    for spec in args.prune_runs:
-        mode, _, packages = spec.partition(":")
-        if mode not in ("exact", "cached") or not packages.isdigit():
-            parser.error(f"--prune-runs entries are MODE:PACKAGES with MODE exact|cached, got {spec!r}")
+        args.prune_runs = [":".join([mode, str(min(int(packages), 3)), *rest])  # the tiny configs have 3 or 4 blocks
+                           for mode, packages, *rest in (spec.split(":") for spec in args.prune_runs)]
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     result = {"command": " ".join(["python benchmarks/gpu_fullsize.py", *sys.argv[1:]]), "model": args.model,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": args.dtype,

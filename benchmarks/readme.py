@@ -277,6 +277,50 @@ def render_hessian_inputs() -> str:
     return "\n".join(lines)
 
 
+def _find_exact(rows: list[dict], **setting) -> dict | None:
+    """The row whose setting is exactly ``setting`` (no other keys), e.g. plain Hessians rather than guided ones."""
+    return next((r for r in rows if r["setting"] == setting), None)
+
+
+def render_refit() -> str:
+    """OBS-Diff with and without the least-squares re-fit of the kept weights, paired over the same seeds."""
+    refit = _rows("refit")
+    if not refit:
+        return "_not measured yet: run `python benchmarks/run.py refit`_"
+    dense = _load("quality").get("dense", {})
+    sources = {"quality": _rows("quality"), "hessian_inputs": _rows("hessian_inputs"),
+               "paper_calibration": _rows("paper_calibration")}
+    lines = ["| model | calibration prompts | Hessian inputs | pattern | OBS-Diff | + refit | refit − OBS-Diff | "
+             "PSNR to dense (dB): OBS-Diff / + refit | share of dense: OBS-Diff / + refit |", "|---" * 9 + "|"]
+    cases = [(model, 16, "plain", pattern, sparsity) for model in MODELS_ORDER
+             for pattern, sparsity in (("unstructured", 0.5), ("unstructured", 0.6), ("unstructured", 0.7),
+                                       ("2:4", None), ("4:8", None))]
+    cases += [("tiny-sd3", prompts, inputs, pattern, sparsity) for prompts, inputs in ((16, "guided"), (100, "plain"),
+                                                                                      (100, "guided"))
+              for pattern, sparsity in (("unstructured", 0.5), ("2:4", None))]
+    for model, prompts, inputs, pattern, sparsity in cases:
+        setting = dict(model=model, method="obs-diff", pattern=pattern, sparsity=sparsity)
+        if inputs != "plain" or prompts == 100:
+            setting["hessian_inputs"] = inputs
+        if prompts == 100:
+            setting["num_prompts"] = 100
+        source = "paper_calibration" if prompts == 100 else "quality" if inputs == "plain" else "hessian_inputs"
+        base, new = _find_exact(sources[source], **setting), _find_exact(refit, **setting, refit=True)
+        if not base or not new:
+            continue
+        d = dense.get(model, {}).get("full")
+        shares = f"{base['full']['mean'] / d:.1%} / {new['full']['mean'] / d:.1%}" if d else "–"
+        label = f"{sparsity:.0%}" if sparsity else pattern
+        lines.append(f"| {model} | {prompts} | {inputs} | {label} | {_cell(base['full'])} | {_cell(new['full'])} | "
+                     f"{_fmt(compare(new, base))} | {base['psnr']['mean']:.1f} / {new['psnr']['mean']:.1f} | {shares} |")
+    seeds = max(len(r["seeds"]) for r in refit)
+    lines.append("")
+    lines.append(f"Full adherence, {seeds} calibration seeds, differences paired over the same seeds and evaluation "
+                 "prompts, 4 packages. The OBS-Diff columns are the rows of the quality, guided-Hessian and 100-prompt "
+                 "tables; the re-fit runs change nothing else. `python benchmarks/run.py refit`.")
+    return "\n".join(lines)
+
+
 def render_structured_selection() -> str:
     """Heads chosen by fused OBS saliencies (the paper) vs by trajectory error (beyond the paper), against L1-norm."""
     rows = _rows("structured_selection")
@@ -654,7 +698,7 @@ def render_provenance() -> str:
     return "Sweeps and the commit their runs ran at: " + "; ".join(cells) + "." if cells else "_no sweeps yet_"
 
 
-RENDERERS = {"provenance": render_provenance, "claims": render_claims, "gpu": render_gpu, "structured_selection": render_structured_selection, "head_diagnosis": render_head_diagnosis, "hessian_inputs": render_hessian_inputs, "cached_projection": render_cached_projection, "structured_parts": render_structured_parts,
+RENDERERS = {"provenance": render_provenance, "claims": render_claims, "gpu": render_gpu, "structured_selection": render_structured_selection, "head_diagnosis": render_head_diagnosis, "hessian_inputs": render_hessian_inputs, "refit": render_refit, "cached_projection": render_cached_projection, "structured_parts": render_structured_parts,
              "calibration_size": render_calibration_size, "speed": render_speed, "tiny_world": render_tiny_world, "demo": render_demo, "quality": render_quality,
              "weighting": render_weighting, "packages": render_packages, "structured": render_structured,
              "overhead": render_overhead}

@@ -38,10 +38,18 @@ def test_gpu_fullsize_script_runs_on_cpu_in_tiny_mode(tmp_path):
 def test_gpu_fullsize_prunes_sd35_medium_with_dual_attention_in_tiny_mode(tmp_path):
     out = tmp_path / "gpu.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_fullsize.py"), "--tiny", "--quiet", "--device",
-                           "cpu", "--model", "sd3.5-medium", "--parts", "prune", "--prune-runs", "exact:2",
+                           "cpu", "--model", "sd3.5-medium", "--parts", "prune", "--prune-runs", "exact:2:refit",
                            "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["errors"] == {} and result["model"] == "sd3.5-medium"
     (run,) = result["prune"]
-    assert (run["mode"], run["packages"]) == ("exact", 2) and abs(run["achieved_sparsity"] - 0.5) < 0.005
+    assert (run["mode"], run["packages"], run["refit"]) == ("exact", 2, True)
+    assert abs(run["achieved_sparsity"] - 0.5) < 0.005
+
+
+def test_gpu_fullsize_refuses_a_malformed_prune_run():
+    for spec in ("exact", "exact:x", "exact:4:fast", "greedy:4"):
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_fullsize.py"), "--tiny", "--device", "cpu",
+                               "--parts", "prune", "--prune-runs", spec], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "MODE:PACKAGES[:refit]" in proc.stderr, (spec, proc.stderr[-500:])
