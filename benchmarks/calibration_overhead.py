@@ -4,8 +4,9 @@
 
 For each package count G, times (interleaved, medians over repeats) G plain inference passes over the
 calibration prompts and the G calibration passes of `prune` (hooks on, Hessians of that package's
-layers accumulated), excluding the OBS solves. Also counts the multiply-adds of one pass in the target linears
-and in their Hessians. Writes benchmarks/results/calibration_overhead.json.
+layers accumulated), excluding the OBS solves, once per ``--hessian-inputs`` (``guided`` folds the two CFG
+halves into one input row before X^T X, so its Hessians cost half). Also counts the multiply-adds of one pass
+in the target linears and in their (plain) Hessians. Writes benchmarks/results/calibration_overhead.json.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from obsdiff_lite.arch import arch_for_transformer, blocks  # noqa: E402
-from obsdiff_lite.calibrate import calibrate  # noqa: E402
+from obsdiff_lite.calibrate import HESSIAN_INPUTS, calibrate  # noqa: E402
 from obsdiff_lite.pipelines import call_kwargs, load_pipeline, run_pipeline  # noqa: E402
 from obsdiff_lite.prune import default_prompts, package_units  # noqa: E402
 
@@ -57,29 +58,35 @@ def multiply_adds(pipe, arch, prompts: list[str], call: dict, batch_size: int) -
     return counts | {"hessian_per_linear": counts["hessians"] / counts["linears"]}
 
 
-def measure(model: str, num_prompts: int, packages: list[int], repeats: int, batch_size: int) -> dict:
-    """Median seconds of plain passes and calibration passes for each package count."""
+def measure(model: str, num_prompts: int, packages: list[int], repeats: int, batch_size: int,
+            hessian_inputs: list[str]) -> dict:
+    """Median seconds of plain passes and calibration passes for each package count and Hessian input."""
     pipe = load_pipeline(model)
     arch = arch_for_transformer(pipe.transformer)
     call = call_kwargs(pipe.obsdiff_generation)
     prompts = default_prompts(pipe, num_prompts, 0)
-    out = {"multiply_adds": multiply_adds(pipe, arch, prompts, call, batch_size)}
+    out = {"multiply_adds": multiply_adds(pipe, arch, prompts, call, batch_size), "runs": []}
     for g in packages:
         plan = package_units(blocks(pipe.transformer, arch), g)
-        plain, calib = [], []
+        plain, calib = [], {h: [] for h in hessian_inputs}
         for _ in range(repeats):
             t0 = time.perf_counter()
             for _ in plan:
                 run_pipeline(pipe, prompts, 0, call, batch_size, output_type="latent", progress=False)
             plain.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            for package in plan:
-                groups = {t.key: t.linears()[0][1] for unit in package for t in unit}
-                calibrate(pipe, arch, groups, prompts, call, batch_size=batch_size, progress=False)
-            calib.append(time.perf_counter() - t0)
-        p, c = statistics.median(plain), statistics.median(calib)
-        out[str(g)] = {"plain_s": p, "calibration_s": c, "overhead": c / p - 1, "plain_all_s": plain, "calibration_all_s": calib}
-        print(f"{model} G={g}: plain {p:.2f} s, calibration {c:.2f} s, overhead {c / p - 1:+.1%}", flush=True)
+            for inputs in hessian_inputs:
+                t0 = time.perf_counter()
+                for package in plan:
+                    groups = {t.key: t.linears()[0][1] for unit in package for t in unit}
+                    calibrate(pipe, arch, groups, prompts, call, batch_size=batch_size, progress=False,
+                              hessian_inputs=inputs)
+                calib[inputs].append(time.perf_counter() - t0)
+        p = statistics.median(plain)
+        for inputs, times in calib.items():
+            c = statistics.median(times)
+            out["runs"].append({"packages": g, "hessian_inputs": inputs, "plain_s": p, "calibration_s": c,
+                                "overhead": c / p - 1, "plain_all_s": plain, "calibration_all_s": times})
+            print(f"{model} G={g} {inputs}: plain {p:.2f} s, calibration {c:.2f} s, overhead {c / p - 1:+.1%}", flush=True)
     return out
 
 
@@ -91,14 +98,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--hessian-inputs", nargs="+", default=["plain", "guided"], choices=HESSIAN_INPUTS)
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results = {"command": " ".join(["python benchmarks/calibration_overhead.py", *sys.argv[1:]]),
                "threads": args.threads, "num_prompts": args.prompts, "models": {}}
     for model in args.model:
-        results["models"][Path(model).name] = measure(model, args.prompts, args.packages, args.repeats, args.batch_size)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        results["models"][Path(model).name] = measure(model, args.prompts, args.packages, args.repeats, args.batch_size,
+                                                      args.hessian_inputs)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

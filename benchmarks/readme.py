@@ -425,19 +425,19 @@ def render_overhead() -> str:
     data = _load("calibration_overhead")
     if not data:
         return "_not measured yet: run `python benchmarks/calibration_overhead.py`_"
-    lines = ["| model | packages | plain passes (s) | calibration passes (s) | overhead |", "|---|---|---|---|---|"]
+    lines = ["| model | packages | Hessian inputs | plain passes (s) | calibration passes (s) | overhead |",
+             "|---|---|---|---|---|---|"]
     ratios = []
-    for model, per_g in data["models"].items():
-        for g, r in per_g.items():
-            if g == "multiply_adds":
-                ratios.append(f"{r['hessian_per_linear']:.2f}x on {model}")
-                continue
-            lines.append(f"| {model} | {g} | {r['plain_s']:.2f} | {r['calibration_s']:.2f} | {r['overhead']:+.0%} |")
+    for model, measured in data["models"].items():
+        ratios.append(f"{measured['multiply_adds']['hessian_per_linear']:.2f}x on {model}")
+        for r in measured["runs"]:
+            lines.append(f"| {model} | {r['packages']} | {r['hessian_inputs']} | {r['plain_s']:.2f} | "
+                         f"{r['calibration_s']:.2f} | {r['overhead']:+.0%} |")
     lines.append("")
-    if ratios:
-        lines.append("Multiply-adds of the Hessians (X^T X, upper block triangle) over those of the target linears they "
-                     f"serve, one pass: {', '.join(ratios)}.")
-        lines.append("")
+    lines.append("Multiply-adds of the plain Hessians (X^T X, upper block triangle) over those of the target linears they "
+                 f"serve, one pass: {', '.join(ratios)}; `guided` folds the two CFG halves into one row first, half "
+                 "as many.")
+    lines.append("")
     lines.append(f"Medians of interleaved repeats, {data['num_prompts']} prompts, {data['threads']} thread; `{data['command']}`.")
     return "\n".join(lines)
 

@@ -53,3 +53,18 @@ def test_gpu_fullsize_refuses_a_malformed_prune_run():
         proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_fullsize.py"), "--tiny", "--device", "cpu",
                                "--parts", "prune", "--prune-runs", spec], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and "MODE:PACKAGES[:refit]" in proc.stderr, (spec, proc.stderr[-500:])
+
+
+def test_calibration_overhead_script_in_a_small_setting(tmp_path):
+    """One prompt, 1 and 2 packages, plain and guided Hessians: every combination timed, the cost counted."""
+    out = tmp_path / "overhead.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "calibration_overhead.py"), "--model",
+                           str(ROOT / "data" / "tiny-sd3"), "--prompts", "1", "--packages", "1", "2", "--repeats", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    measured = json.loads(out.read_text())["models"]["tiny-sd3"]
+    assert {(r["packages"], r["hessian_inputs"]) for r in measured["runs"]} == {
+        (g, h) for g in (1, 2) for h in ("plain", "guided")}
+    assert all(r["plain_s"] > 0 and r["calibration_s"] > 0 for r in measured["runs"])
+    counts = measured["multiply_adds"]
+    assert counts["hessian_per_linear"] == counts["hessians"] / counts["linears"] and 0.5 < counts["hessian_per_linear"] < 2
