@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
 HESSIAN_BYTES = 4  # HessianAccumulator keeps float32
 METHOD_COLORS = {"dense": "black", "magnitude": "tab:gray", "wanda": "tab:orange", "sparsegpt": "tab:green",
-                 "obs-diff": "tab:blue"}
+                 "obs-diff": "tab:blue", "obs-diff+refit": "tab:purple", "sparsegpt+refit": "tab:olive"}
+REFIT_SUFFIX = "+refit"  # sweep method labels like "obs-diff+refit": that method with PruneConfig(refit=True)
 # Short names of a block's units, per block kind (arch.BlockSpec.kind).
 UNIT_NAMES = {"joint": ("qkv", "out", "ff-up", "ff-down"), "single": ("qkv+mlp", "out")}
 
@@ -190,8 +191,10 @@ def _dense_run(pipe, num_eval_prompts: int, seed: int, progress: bool) -> tuple[
 
 
 def _pruned_run(pipe, dense_state: dict[str, Tensor], config, specs, dense_images: np.ndarray, seed: int,
-                keep_weights: bool, progress: bool) -> Run:
-    """Restore the dense weights, prune with ``config``, sample the ShapeBench prompts, score against dense."""
+                keep_weights: bool, progress: bool, label: str | None = None) -> Run:
+    """Restore the dense weights, prune with ``config``, sample the ShapeBench prompts, score against dense.
+
+    ``label`` names the run's method (default ``config.method``), e.g. "obs-diff+refit"."""
     from .evaluate import sample_shapebench
     from .obs import parse_pattern
     from .prune import prune
@@ -206,7 +209,7 @@ def _pruned_run(pipe, dense_state: dict[str, Tensor], config, specs, dense_image
     weights = None
     if keep_weights:
         weights = {k: lin.weight.detach().clone() for k, lin in target_linears(pipe.transformer).items()}
-    return Run(config.method, config.pattern, n / m if n else float(config.sparsity),
+    return Run(label or config.method, config.pattern, n / m if n else float(config.sparsity),
                evaluate(images, specs, reference=dense_images), images, report, report["num_packages"],
                config.calibration, wall, weights)
 
@@ -226,7 +229,8 @@ def sparsity_sweep(model: str | None, methods: Sequence[str], sparsities: Sequen
                    pipe=None, keep_weights: bool = False, progress: bool = False) -> list[Run]:
     """Dense, then every method at every unstructured sparsity and every N:M pattern, on the same eval prompts.
 
-    One pipeline is loaded (or ``pipe`` is used) and pruned in place run after run, the dense weights restored
+    A method may carry the suffix "+refit" ("obs-diff+refit"): the same method with the least-squares re-fit of
+    the kept weights (``PruneConfig.refit``, beyond the paper); its runs keep that label. One pipeline is loaded (or ``pipe`` is used) and pruned in place run after run, the dense weights restored
     in between; it is left dense at the end. Calibration prompts come from ``prune.default_prompts`` (seeds
     disjoint from ShapeBench's); ``seed`` picks both prompt sets and the generator seeds.
     """
@@ -241,9 +245,12 @@ def sparsity_sweep(model: str | None, methods: Sequence[str], sparsities: Sequen
     try:
         for pattern, sparsity in settings:
             for method in methods:
-                config = PruneConfig(method=method, pattern=pattern, sparsity=sparsity, packages=g,
-                                     num_prompts=num_calibration_prompts, seed=seed, weighting=weighting)
-                runs.append(_pruned_run(pipe, dense_state, config, specs, dense.images, seed, keep_weights, progress))
+                base = method.removesuffix(REFIT_SUFFIX)
+                config = PruneConfig(method=base, pattern=pattern, sparsity=sparsity, packages=g,
+                                     num_prompts=num_calibration_prompts, seed=seed, weighting=weighting,
+                                     refit=base != method)
+                runs.append(_pruned_run(pipe, dense_state, config, specs, dense.images, seed, keep_weights, progress,
+                                        label=method))
     finally:
         restore(pipe.transformer, dense_state)
     return runs

@@ -116,6 +116,19 @@ def test_sparsity_sweep_restores_dense_and_hits_targets(random_sd3_dir):
         show_setting(runs, "70%", specs)
 
 
+def test_sparsity_sweep_refit_label_runs_the_refit_on_the_same_masks(random_sd3_dir):
+    pipe = load_pipeline(random_sd3_dir)
+    runs = sparsity_sweep(None, ["obs-diff", "obs-diff+refit"], [], ["2:4"], num_calibration_prompts=2,
+                          num_eval_prompts=2, pipe=pipe, keep_weights=True)
+    plain, refit = runs[1:]
+    assert refit.name == "obs-diff+refit 2:4" and refit.report["config"]["refit"] is True
+    assert plain.report["config"]["refit"] is False
+    assert all(torch.equal(refit.weights[k] == 0, plain.weights[k] == 0) for k in plain.weights)
+    assert sum(recon_errors(refit.report).values()) < sum(recon_errors(plain.report).values())
+    with pytest.raises(ValueError, match="--refit"):
+        sparsity_sweep(None, ["wanda+refit"], [0.5], num_calibration_prompts=2, num_eval_prompts=2, pipe=pipe)
+
+
 def test_package_sweep_cached_one_package_equals_exact(random_sd3_dir):
     pipe = load_pipeline(random_sd3_dir)
     runs = package_sweep(None, [1, "all"], ["exact", "cached"], num_calibration_prompts=2, num_eval_prompts=2,
