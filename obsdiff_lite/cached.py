@@ -187,8 +187,4 @@ def _run_cached(pipe, arch, packages, prompts, call, prune_package, store: Cache
 
 
 def _set_step(tracker: StepTracker, record: CachedCall) -> None:
-    tracker.step_index = record.step_index
-    if tracker.weights is None:
-        from .schedules import timestep_weights
-
-        tracker.weights = timestep_weights(tracker.weighting, len(tracker.scheduler.timesteps), *tracker.weight_range)
+    tracker.set_step(record.step_index, len(tracker.scheduler.timesteps))

@@ -35,21 +35,22 @@ class StepTracker:
     step_index: int | None = None
     weights: torch.Tensor | None = field(default=None, repr=False)
     steps_seen: set[int] = field(default_factory=set)
+    weight: float = 1.0  # alpha_t of the current step (1.0 before any step was observed); read by every layer hook
 
     def observe(self, timestep: torch.Tensor | float) -> int:
         """Map a transformer timestep argument to the index of the nearest scheduler timestep."""
         timesteps = torch.as_tensor(self.scheduler.timesteps, dtype=torch.float64).cpu()
         t = float(torch.as_tensor(timestep).flatten()[0]) * self.timestep_scale
-        self.step_index = int(torch.argmin((timesteps - t).abs()))
-        if self.weights is None or len(self.weights) != len(timesteps):
-            self.weights = timestep_weights(self.weighting, len(timesteps), *self.weight_range)
+        self.set_step(int(torch.argmin((timesteps - t).abs())), len(timesteps))
         self.steps_seen.add(self.step_index)
         return self.step_index
 
-    @property
-    def weight(self) -> float:
-        """alpha_t for the current step (1.0 before any step was observed)."""
-        return 1.0 if self.step_index is None else float(self.weights[self.step_index])
+    def set_step(self, index: int, num_steps: int) -> None:
+        """Make ``index`` (of ``num_steps``) the current step and look up its weight alpha_t."""
+        if self.weights is None or len(self.weights) != num_steps:
+            self.weights = timestep_weights(self.weighting, num_steps, *self.weight_range)
+        self.step_index = index
+        self.weight = float(self.weights[index])  # once per transformer call, not once per layer hook
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """forward_pre_hook(with_kwargs=True) for the transformer."""

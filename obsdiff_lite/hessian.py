@@ -234,11 +234,12 @@ class HessianAccumulator:
 
 
 def all_finite(accumulators: Iterable[HessianAccumulator]) -> bool:
-    """True when no accumulator has seen a non-finite activation; one host sync per device, not per accumulator."""
-    flags: dict[torch.device, list[Tensor]] = {}
+    """True when no accumulator has seen a non-finite activation; one check (and host sync) per device."""
+    diagonals: dict[torch.device, list[Tensor]] = {}
     for acc in accumulators:
-        flags.setdefault(acc.device, []).append(acc.is_finite())
-    return all(bool(torch.stack(f).all()) for f in flags.values())
+        diagonals.setdefault(acc._state.device, []).append(torch.diagonal(acc._state))
+    # One concatenation and one reduction per device instead of three small ops per accumulator.
+    return all(bool(torch.isfinite(torch.cat(d)).all()) for d in diagonals.values())
 
 
 def wanda_input_norm(acc: HessianAccumulator) -> Tensor:
