@@ -84,8 +84,10 @@ def measure(model: str, num_prompts: int, packages: list[int], repeats: int, bat
         p = statistics.median(plain)
         for inputs, times in calib.items():
             c = statistics.median(times)
+            paired = [ct / pt - 1 for ct, pt in zip(times, plain)]  # each repeat's calibration vs its own plain passes
             out["runs"].append({"packages": g, "hessian_inputs": inputs, "plain_s": p, "calibration_s": c,
-                                "overhead": c / p - 1, "plain_all_s": plain, "calibration_all_s": times})
+                                "overhead": c / p - 1, "overhead_range": [min(paired), max(paired)],
+                                "plain_all_s": plain, "calibration_all_s": times})
             print(f"{model} G={g} {inputs}: plain {p:.2f} s, calibration {c:.2f} s, overhead {c / p - 1:+.1%}", flush=True)
     return out
 

@@ -425,20 +425,22 @@ def render_overhead() -> str:
     data = _load("calibration_overhead")
     if not data:
         return "_not measured yet: run `python benchmarks/calibration_overhead.py`_"
-    lines = ["| model | packages | Hessian inputs | plain passes (s) | calibration passes (s) | overhead |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | packages | Hessian inputs | plain passes (s) | calibration passes (s) | overhead | "
+             "range over repeats |", "|---|---|---|---|---|---|---|"]
     ratios = []
     for model, measured in data["models"].items():
         ratios.append(f"{measured['multiply_adds']['hessian_per_linear']:.2f}x on {model}")
         for r in measured["runs"]:
+            lo, hi = r["overhead_range"]
             lines.append(f"| {model} | {r['packages']} | {r['hessian_inputs']} | {r['plain_s']:.2f} | "
-                         f"{r['calibration_s']:.2f} | {r['overhead']:+.0%} |")
+                         f"{r['calibration_s']:.2f} | {r['overhead']:+.0%} | {lo:+.0%} … {hi:+.0%} |")
     lines.append("")
     lines.append("Multiply-adds of the plain Hessians (X^T X, upper block triangle) over those of the target linears they "
                  f"serve, one pass: {', '.join(ratios)}; `guided` folds the two CFG halves into one row first, half "
                  "as many.")
     lines.append("")
-    lines.append(f"Medians of interleaved repeats, {data['num_prompts']} prompts, {data['threads']} thread; `{data['command']}`.")
+    lines.append(f"Medians of interleaved repeats (the range: each repeat's calibration passes against its own plain "
+                 f"passes), {data['num_prompts']} prompts, {data['threads']} thread; `{data['command']}`.")
     return "\n".join(lines)
 
 

@@ -66,5 +66,6 @@ def test_calibration_overhead_script_in_a_small_setting(tmp_path):
     assert {(r["packages"], r["hessian_inputs"]) for r in measured["runs"]} == {
         (g, h) for g in (1, 2) for h in ("plain", "guided")}
     assert all(r["plain_s"] > 0 and r["calibration_s"] > 0 for r in measured["runs"])
+    assert all(r["overhead_range"][0] == r["overhead_range"][1] == r["overhead"] for r in measured["runs"])  # 1 repeat
     counts = measured["multiply_adds"]
     assert counts["hessian_per_linear"] == counts["hessians"] / counts["linears"] and 0.5 < counts["hessian_per_linear"] < 2
