@@ -53,6 +53,12 @@ def test_one_sd3_medium_block_hessians_and_solve():
         new, keep, stats = sparsify_weight(linear.weight.data, accs[name].hessian, 0.5)
         assert new.shape == linear.weight.shape and torch.isfinite(new).all()
         assert abs(float((new == 0).float().mean()) - 0.5) < 0.005
+    # --refit at full width (a few CG steps: the shapes, the kept mask and a lower error are what is checked here)
+    linear = module.get_submodule("attn.to_out.0")
+    _, keep, stats = sparsify_weight(linear.weight.data, accs["attn.to_out.0"].hessian, 0.5)
+    refit, refit_keep, refit_stats = sparsify_weight(linear.weight.data, accs["attn.to_out.0"].hessian, 0.5, refit_iters=5)
+    assert torch.equal(refit_keep, keep) and torch.isfinite(refit).all() and refit_stats["refit_iters"] == 5
+    assert refit_stats["recon_error"] < stats["recon_error"]
 
 
 def test_sd35_medium_dual_attention_blocks_are_described_by_arch():
