@@ -342,11 +342,14 @@ def sparsify_weights(
 
         refit = {}
         if refit_iters > 0:
-            obs_errors = [recon_error(W, a, b) for a, b in segments]
+            W_obs, obs_errors = W, [recon_error(W, a, b) for a, b in segments]
             W, refit = refit_kept_weights(W0, W, damped_hessian(H, info["damp_used"]), keep, refit_iters)
         results = []
         for i, ((a, b), weight) in enumerate(zip(segments, weights)):
             recon = recon_error(W, a, b)
+            kept_obs = bool(refit) and recon > obs_errors[i]
+            if kept_obs:  # CG minimised the damped loss; on the undamped one a layer must not end worse than OBS
+                W[a:b], recon = W_obs[a:b], obs_errors[i]
             base = float(((W0[a:b] @ H) * W0[a:b]).sum() / 2)
             kept = keep[a:b]
             stats = {
@@ -358,6 +361,7 @@ def sparsify_weights(
                 "dead_inputs": info["dead_inputs"],
             }
             if refit:
-                stats |= refit | {"recon_error_obs": obs_errors[i]}
+                stats |= refit | {"recon_error_obs": obs_errors[i],
+                                  "refit_kept_start": refit["refit_kept_start"] or kept_obs}
             results.append((W[a:b].to(weight.dtype), kept, stats))
     return results

@@ -405,3 +405,24 @@ def test_refit_never_ends_worse_than_its_start():
         refit_kept_weights(W0, start, torch.eye(8, dtype=torch.float64), keep, max_iters=-1)
     with pytest.raises(ValueError, match="refit_iters"):
         sparsify_weight(W0, torch.eye(8, dtype=torch.float64), 0.5, refit_iters=-2)
+
+
+def test_a_refit_that_would_raise_the_layer_error_keeps_the_obs_weights(monkeypatch):
+    """The guard on the undamped loss: a (forced) worse re-fit of one weight is dropped for that weight only."""
+    import obsdiff_lite.obs as obs
+
+    W, X, H = _problem(out=12, d=16, n=64, seed=8)
+    weights = [W[:6], W[6:]]
+    plain = obs.sparsify_weights(weights, H, 0.5, names=["a", "b"])
+    real = obs.refit_kept_weights
+
+    def worse_for_a(original, weight, hessian, keep, *args, **kwargs):
+        out, info = real(original, weight, hessian, keep, *args, **kwargs)
+        out[:6] += 0.5 * keep[:6]  # push weight "a"'s kept entries off the optimum
+        return out, info
+
+    monkeypatch.setattr(obs, "refit_kept_weights", worse_for_a)
+    (wa, ka, sa), (wb, kb, sb) = obs.sparsify_weights(weights, H, 0.5, names=["a", "b"], refit_iters=50)
+    assert torch.equal(wa, plain[0][0]) and sa["refit_kept_start"] and sa["recon_error"] == sa["recon_error_obs"]
+    assert not sb["refit_kept_start"] and sb["recon_error"] < plain[1][2]["recon_error"]
+    assert torch.equal(ka, plain[0][1]) and torch.equal(kb, plain[1][1])
