@@ -142,9 +142,9 @@ def refit_kept_weights(
     Each row is an independent least-squares problem on its kept inputs, H_KK w_K = (H original_r)_K; the rows
     run as one batched Jacobi-preconditioned conjugate-gradient loop (one [rows, d] @ [d, d] matmul per step),
     which stops when every row's residual is below ``tol`` (default ``REFIT_TOL`` of the dtype) relative to its
-    right-hand side, or after ``max_iters`` steps. ``hessian`` should
-    be positive definite (pass the damped one). CG only lowers the objective from its start, so the result is
-    never worse than ``weight`` (in floating point this is checked, and ``weight`` kept if it were).
+    right-hand side, or after ``max_iters`` steps. ``hessian`` should be positive definite (pass the damped one).
+    CG only lowers the objective from its start, so the result is never worse than ``weight`` (in floating point
+    this is checked, and ``weight`` kept if it were).
     """
     tol = REFIT_TOL.get(weight.dtype, REFIT_TOL[torch.float32]) if tol is None else tol
     if max_iters < 0 or not tol > 0:
