@@ -295,6 +295,8 @@ def render_refit() -> str:
     cases = [(model, 16, "plain", pattern, sparsity) for model in MODELS_ORDER
              for pattern, sparsity in (("unstructured", 0.5), ("unstructured", 0.6), ("unstructured", 0.7),
                                        ("2:4", None), ("4:8", None))]
+    cases += [("tiny-flux", 16, "guided-image", pattern, sparsity)
+              for pattern, sparsity in (("unstructured", 0.5), ("unstructured", 0.6), ("2:4", None))]
     cases += [("tiny-sd3", prompts, inputs, pattern, sparsity) for prompts, inputs in ((16, "guided"), (100, "plain"),
                                                                                       (100, "guided"))
               for pattern, sparsity in (("unstructured", 0.5), ("2:4", None))]

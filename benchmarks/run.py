@@ -110,6 +110,9 @@ def experiment_runs(name: str) -> list[dict]:
             for pattern, sparsity in [("unstructured", s) for s in (0.5, 0.6, 0.7)] + [("2:4", None), ("4:8", None)]:
                 runs += [dict(model=model, method="obs-diff", pattern=pattern, sparsity=sparsity, seed=s, refit=True)
                          for s in range(5)]
+        for pattern, sparsity in (("unstructured", 0.5), ("unstructured", 0.6), ("2:4", None)):  # Flux's better inputs
+            runs += [dict(model="tiny-flux", method="obs-diff", pattern=pattern, sparsity=sparsity, seed=s,
+                          hessian_inputs="guided-image", refit=True) for s in range(5)]
         for num_prompts in (16, 100):  # with guided Hessians, and with the paper's 100 prompts (paper_calibration)
             for inputs in (("guided",) if num_prompts == 16 else ("plain", "guided")):
                 for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
