@@ -50,7 +50,7 @@ def experiment_runs(name: str) -> list[dict]:
     if name == "quality":  # Table 1 analog
         for model in MODELS:
             for pattern, sparsity in [("unstructured", s) for s in (0.3, 0.5, 0.6, 0.7)] + [("2:4", None), ("4:8", None)]:
-                for method in ("magnitude", "wanda", "sparsegpt", "obs-diff"):
+                for method in ("magnitude", "wanda", "dsnot", "sparsegpt", "obs-diff"):
                     seeds = (0,) if method == "magnitude" else range(5)  # magnitude uses no calibration data
                     runs += [dict(model=model, method=method, pattern=pattern, sparsity=sparsity, seed=s) for s in seeds]
     elif name == "weighting":  # Table 6 analog
@@ -261,7 +261,7 @@ def plots() -> None:
     quality = json.loads((RESULTS / "quality.json").read_text())
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
     for ax, model in zip(axes, MODELS):
-        for method in ("magnitude", "wanda", "sparsegpt", "obs-diff"):
+        for method in ("magnitude", "wanda", "dsnot", "sparsegpt", "obs-diff"):
             rows = sorted((r for r in quality["rows"] if r["setting"]["model"] == model and r["setting"]["method"] == method
                            and r["setting"]["pattern"] == "unstructured"), key=lambda r: r["setting"]["sparsity"])
             xs = [r["setting"]["sparsity"] for r in rows]

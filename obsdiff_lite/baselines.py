@@ -1,10 +1,10 @@
-"""Pruning baselines without weight updates: magnitude and Wanda.
+"""Pruning baselines without weight updates: magnitude, Wanda and DSnoT.
 
-The third baseline, SparseGPT, is `obs.sparsify_weight(s)` with a Hessian
+The fourth baseline, SparseGPT, is `obs.sparsify_weight(s)` with a Hessian
 accumulated under *uniform* timestep weights (the caller chooses the weights);
 it needs no code of its own.
 
-Both functions return (new_weight, keep_mask): pruned entries are exactly 0.0
+Every function returns (new_weight, keep_mask): pruned entries are exactly 0.0
 and keep_mask is a bool tensor of the same shape.  N:M means n of every m
 consecutive inputs of each row are pruned.
 """
@@ -75,4 +75,65 @@ def wanda_prune(
         next_score = torch.sort(scores, dim=-1, stable=True).values[:, k]
         for row in torch.sort(next_score, stable=True).indices[:extra].tolist():
             pruned[row] = _lowest_k_mask(scores[row], k + 1)
+    return _apply(weight, pruned)
+
+
+DSNOT_CYCLES = 50  # DSnoT's default number of prune-and-grow cycles
+DSNOT_THRESHOLD = 0.1  # DSnoT's default: rows whose expected output error is this small stop
+
+
+def dsnot_prune(
+    weight: Tensor, input_mean: Tensor, input_var: Tensor, input_norm: Tensor, sparsity: float = 0.5, n: int = 0,
+    m: int = 0, max_cycles: int = DSNOT_CYCLES, threshold: float = DSNOT_THRESHOLD,
+) -> tuple[Tensor, Tensor]:
+    """DSnoT (Zhang et al., ICLR 2024): Wanda's mask, then per row one pruned weight grown and one kept weight pruned
+    per cycle, so that the row's expected output error sum_{j pruned} w_j E[x_j] shrinks; weights are not updated.
+
+    Grown: the pruned weight whose revival cuts the error most per unit of input variance (w_j E[x_j] / Var[x_j]).
+    Pruned: the least important kept weight by Wanda's |w_j| ||x_j|| among those whose removal also pushes the
+    error towards zero (for N:M: any kept weight of the grown weight's group, which keeps the pattern). A swap is
+    made only when it shrinks |error|; a row stops after its first refused swap, once its |error| is at most
+    ``threshold``, or after ``max_cycles``. Each weight moves at most once. Sparsity per row is unchanged.
+    """
+    _, keep = wanda_prune(weight, input_norm, sparsity, n, m)
+    cols = weight.shape[1]
+    for label, stat in (("input_mean", input_mean), ("input_var", input_var)):
+        if tuple(stat.shape) != (cols,):
+            raise ValueError(f"{label} has shape {tuple(stat.shape)}, expected ({cols},) = in_features")
+    if max_cycles < 0 or not threshold >= 0:
+        raise ValueError(f"need max_cycles >= 0 and threshold >= 0, got {max_cycles} and {threshold}")
+    w = weight.detach().float()
+    device = w.device
+    contribution = w * input_mean.detach().to(device, torch.float32).unsqueeze(0)  # E[w_j x_j] per weight
+    per_variance = contribution / input_var.detach().to(device, torch.float32).clamp_min(1e-12).unsqueeze(0)
+    importance = w.abs() * input_norm.detach().to(device, torch.float32).unsqueeze(0)
+    pruned = ~keep
+    error = (contribution * pruned).sum(1)  # dense minus sparse expected output, per row
+    can_grow, can_prune = pruned.clone(), keep.clone()
+    group = torch.arange(cols, device=device) // m if m else None
+    active = error.abs() > threshold
+    rows = torch.arange(w.shape[0], device=device)
+    inf = torch.tensor(float("inf"), device=device)
+    for _ in range(max_cycles):
+        if not bool(active.any()):
+            break
+        sign = torch.sign(error).unsqueeze(1)
+        grow_score = torch.where(can_grow, sign * per_variance, -inf)
+        grow = grow_score.argmax(1)
+        if group is None:
+            prunable = can_prune & (sign * contribution < 0)
+        else:
+            prunable = can_prune & (group.unsqueeze(0) == group[grow].unsqueeze(1))
+        prune_score = torch.where(prunable, importance, inf)
+        drop = prune_score.argmin(1)
+        new_error = error - contribution[rows, grow] + contribution[rows, drop]
+        swap = (active & (grow_score[rows, grow] > 0) & torch.isfinite(prune_score[rows, drop])
+                & (new_error.abs() < error.abs()))
+        r = rows[swap]
+        pruned[r, grow[swap]] = False
+        pruned[r, drop[swap]] = True
+        can_grow[r, grow[swap]] = False
+        can_prune[r, drop[swap]] = False
+        error = torch.where(swap, new_error, error)
+        active = swap & (error.abs() > threshold)
     return _apply(weight, pruned)

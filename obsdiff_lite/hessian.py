@@ -96,7 +96,8 @@ def _layer(name: str) -> str:
 
 @dataclass
 class HessianAccumulator:
-    """Running timestep-weighted mean of 2 x x^T over calibration rows (its diagonal gives Wanda's norms)."""
+    """Running timestep-weighted mean of 2 x x^T over calibration rows (its diagonal gives Wanda's norms), and of x
+    itself (DSnoT's expected inputs)."""
 
     in_features: int
     device: torch.device | str = "cpu"
@@ -105,6 +106,7 @@ class HessianAccumulator:
     weight_sum: float = field(init=False, default=0.0)
     num_rows: int = field(init=False, default=0)
     _state: Tensor = field(init=False, repr=False)  # valid on the block upper triangle; see `hessian`
+    _mean: Tensor = field(init=False, repr=False)  # weighted mean of x, [d]
     _lower_stale: bool = field(init=False, repr=False, default=False)
 
     def __post_init__(self) -> None:
@@ -116,6 +118,7 @@ class HessianAccumulator:
         self.device = torch.device(self.device)
         d = self.in_features
         self._state = torch.zeros(d, d, dtype=self.dtype, device=self.device)
+        self._mean = torch.zeros(d, dtype=self.dtype, device=self.device)
         self._block = gram_block_size(d)
 
     @property
@@ -125,6 +128,11 @@ class HessianAccumulator:
             mirror_upper_(self._state, self._block)
             self._lower_stale = False
         return self._state
+
+    @property
+    def input_mean(self) -> Tensor:
+        """Timestep-weighted mean of the inputs x, shape [d] (the accumulator's own storage)."""
+        return self._mean
 
     @property
     def act_sq_sum(self) -> Tensor:
@@ -186,6 +194,7 @@ class HessianAccumulator:
             add_gram_upper_(target, x, beta=keep if target is self._state else 0.0, alpha=scale, block=self._block)
         if target is not self._state:
             self._state.mul_(keep).add_(target.to(self._state.device))
+        self._mean.mul_(keep).add_(x.sum(0).to(self._mean.device), alpha=alpha / new_sum)  # R x d: ~1/d of X^T X
         self._lower_stale = self._block < self.in_features
         self.weight_sum = new_sum
         self.num_rows += rows
@@ -201,6 +210,8 @@ class HessianAccumulator:
             return self
         other_h = other.hessian.to(self.device, self.dtype)
         self.hessian.mul_(self.weight_sum / new_sum).add_(other_h, alpha=other.weight_sum / new_sum)
+        self._mean.mul_(self.weight_sum / new_sum).add_(other.input_mean.to(self.device, self.dtype),
+                                                        alpha=other.weight_sum / new_sum)
         self.weight_sum = new_sum
         self.num_rows += other.num_rows
         return self
@@ -211,6 +222,7 @@ class HessianAccumulator:
             "in_features": self.in_features,
             "name": self.name,
             "hessian": self.hessian,
+            "input_mean": self.input_mean,
             "weight_sum": self.weight_sum,
             "num_rows": self.num_rows,
         }
@@ -228,6 +240,8 @@ class HessianAccumulator:
             name=state.get("name", ""),
         )
         acc.hessian.copy_(hessian)
+        if "input_mean" in state:  # a Hessian-only state leaves the mean at zero (only DSnoT reads it)
+            acc.input_mean.copy_(state["input_mean"])
         acc.weight_sum = float(state["weight_sum"])
         acc.num_rows = int(state["num_rows"])
         return acc
@@ -240,6 +254,13 @@ def all_finite(accumulators: Iterable[HessianAccumulator]) -> bool:
         diagonals.setdefault(acc._state.device, []).append(torch.diagonal(acc._state))
     # One concatenation and one reduction per device instead of three small ops per accumulator.
     return all(bool(torch.isfinite(torch.cat(d)).all()) for d in diagonals.values())
+
+
+def input_variance(acc: HessianAccumulator) -> Tensor:
+    """Timestep-weighted variance of each input feature, E[x_j^2] - E[x_j]^2 (clamped at 0), shape [d]."""
+    if acc.weight_sum == 0.0:
+        raise ValueError(f"no calibration activations were recorded{_layer(acc.name)}")
+    return (acc.act_sq_sum / acc.weight_sum - acc.input_mean**2).clamp_min(0.0)
 
 
 def wanda_input_norm(acc: HessianAccumulator) -> Tensor:

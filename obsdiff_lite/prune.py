@@ -24,17 +24,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import Block, arch_for_transformer, block_units, blocks, get_linear, parse_block_range
-from .baselines import magnitude_prune, wanda_prune
+from .baselines import dsnot_prune, magnitude_prune, wanda_prune
 from .calibrate import HESSIAN_INPUTS, calibrate
 from .distributed import all_equal, broadcast_module_, rank_and_world
-from .hessian import wanda_input_norm
+from .hessian import input_variance, wanda_input_norm
 from .obs import REFIT_ITERS, check_sparsity_args, parse_pattern, sparsify_weights
 from .pipelines import pipeline_call
 from .schedules import WEIGHTINGS
 
 log = logging.getLogger(__name__)
 
-METHODS = ("obs-diff", "sparsegpt", "wanda", "magnitude", "l1-norm")
+METHODS = ("obs-diff", "sparsegpt", "wanda", "dsnot", "magnitude", "l1-norm")
 STRUCTURED_METHODS = ("obs-diff", "l1-norm")
 CALIBRATIONS = ("exact", "cached")  # pattern "structured": whole heads and FFN neurons
 HEAD_SELECTIONS = ("saliency", "trajectory")  # structured: how heads are chosen (structured.prune_heads_obs)
@@ -243,6 +243,9 @@ def _prune_group(linears: list[tuple[str, nn.Linear]], config: PruneConfig, n: i
     elif config.method == "wanda":
         norm = wanda_input_norm(acc)
         results = [(*wanda_prune(w, norm.to(w.device), sparsity, n, m), {}) for w in weights]
+    elif config.method == "dsnot":
+        stats = [s.to(weights[0].device) for s in (acc.input_mean, input_variance(acc), wanda_input_norm(acc))]
+        results = [(*dsnot_prune(w, *stats, sparsity, n, m), {}) for w in weights]
     else:
         results = sparsify_weights(weights, acc.hessian, sparsity, n, m, config.block_size, config.damp,
                                    names=[name for name, _ in linears], refit_iters=REFIT_ITERS if config.refit else 0)

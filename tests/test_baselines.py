@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from obsdiff_lite.baselines import magnitude_prune, wanda_prune
+from obsdiff_lite.baselines import dsnot_prune, magnitude_prune, wanda_prune
 
 
 def _weight(out=16, d=32, seed=0, dtype=torch.float32):
@@ -104,3 +104,47 @@ def test_validation_is_shared_with_obs():
         wanda_prune(W, torch.ones(6), 1.5)
     with pytest.raises(ValueError, match="input_norm"):
         wanda_prune(W, torch.ones(5), 0.5)
+
+
+
+def _dsnot_problem(out=24, d=32, seed=3):
+    """Weights and inputs with non-zero, differently signed means (DSnoT's expected error is then not zero)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out, d, generator=g)
+    x = torch.randn(500, d, generator=g) * torch.exp(torch.randn(d, generator=g)) + 2 * torch.randn(d, generator=g)
+    mean, var, norm = x.mean(0), x.var(0, unbiased=False), x.pow(2).mean(0).sqrt()
+    return W, x, mean, var, norm
+
+
+def _expected_error(W, keep, mean):
+    """Per row: sum over pruned j of w_j E[x_j], the output change DSnoT drives to zero."""
+    return ((W * ~keep) * mean).sum(1)
+
+
+@pytest.mark.parametrize("pattern", [dict(sparsity=0.5), dict(sparsity=0.7), dict(n=2, m=4), dict(n=4, m=8)])
+def test_dsnot_shrinks_every_rows_expected_error_and_keeps_the_budget(pattern):
+    W, x, mean, var, norm = _dsnot_problem()
+    _, wanda_keep = wanda_prune(W, norm, **pattern)
+    new, keep = dsnot_prune(W, mean, var, norm, threshold=0.0, **pattern)
+    assert torch.equal(new, W * keep)
+    assert torch.equal(keep.sum(1), wanda_keep.sum(1))  # the same number of weights per row
+    if "m" in pattern:
+        pruned = (~keep).reshape(W.shape[0], -1, pattern["m"]).sum(-1)
+        assert bool((pruned == pattern["n"]).all())  # swaps stay inside their group
+    before, after = _expected_error(W, wanda_keep, mean).abs(), _expected_error(W, keep, mean).abs()
+    assert bool((after <= before + 1e-5).all())
+    assert float(after.sum()) < 0.5 * float(before.sum())
+    assert not torch.equal(keep, wanda_keep)
+
+
+def test_dsnot_without_cycles_or_signal_is_wanda():
+    W, x, mean, var, norm = _dsnot_problem()
+    _, wanda_keep = wanda_prune(W, norm, 0.5)
+    assert torch.equal(dsnot_prune(W, mean, var, norm, 0.5, max_cycles=0)[1], wanda_keep)
+    assert torch.equal(dsnot_prune(W, torch.zeros_like(mean), var, norm, 0.5)[1], wanda_keep)  # zero-mean inputs
+    big = float(_expected_error(W, wanda_keep, mean).abs().max()) + 1
+    assert torch.equal(dsnot_prune(W, mean, var, norm, 0.5, threshold=big)[1], wanda_keep)  # already small enough
+    with pytest.raises(ValueError, match="input_mean"):
+        dsnot_prune(W, mean[:-1], var, norm, 0.5)
+    with pytest.raises(ValueError, match="max_cycles"):
+        dsnot_prune(W, mean, var, norm, 0.5, max_cycles=-1)

@@ -54,11 +54,12 @@ def test_allreduce_renormalises(monkeypatch):
     acc.add_batch(torch.randn(32, 8), 1.2)
     acc.add_batch(torch.randn(16, 8), 0.8)
     before, weight_sum, rows = acc.hessian.clone(), acc.weight_sum, acc.num_rows
+    mean_before = acc.input_mean.clone()
     monkeypatch.setattr(distributed, "is_distributed", lambda: True)
     monkeypatch.setattr(distributed.dist, "get_backend", lambda *a: "gloo")
     monkeypatch.setattr(distributed.dist, "all_reduce", lambda t, op=None: t.mul_(2))
     allreduce_accumulators({"x": acc})
-    assert torch.allclose(acc.hessian, before, rtol=1e-6)
+    assert torch.allclose(acc.hessian, before, rtol=1e-6) and torch.allclose(acc.input_mean, mean_before, rtol=1e-6)
     assert acc.weight_sum == pytest.approx(2 * weight_sum) and acc.num_rows == 2 * rows
     # ... and it is what HessianAccumulator.merge computes for two ranks' halves.
     merged = HessianAccumulator.from_state(

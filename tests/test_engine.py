@@ -91,7 +91,7 @@ def test_calibrated_hessian_equals_closed_form(random_sd3_dir):
     assert recorded[0][1].shape[0] == 2 * 2 * 64
 
 
-@pytest.mark.parametrize("method", ["obs-diff", "sparsegpt", "wanda", "magnitude"])
+@pytest.mark.parametrize("method", ["obs-diff", "sparsegpt", "wanda", "dsnot", "magnitude"])
 def test_every_target_at_requested_sparsity_and_others_untouched(random_dir, method):
     pipe = load_pipeline(random_dir)
     before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
@@ -112,9 +112,10 @@ def test_every_target_at_requested_sparsity_and_others_untouched(random_dir, met
 
 
 @pytest.mark.parametrize("pattern", ["2:4", "4:8"])
-def test_nm_patterns_are_valid(random_dir, pattern):
+@pytest.mark.parametrize("method", ["obs-diff", "dsnot"])
+def test_nm_patterns_are_valid(random_dir, pattern, method):
     pipe = load_pipeline(random_dir)
-    prune(pipe, PruneConfig(pattern=pattern, sparsity=None, packages=1, **FAST), progress=False)
+    prune(pipe, PruneConfig(method=method, pattern=pattern, sparsity=None, packages=1, **FAST), progress=False)
     _, n, m = parse_pattern(pattern)
     for name, linear in _targets(pipe).items():
         zeros = (linear.weight == 0).reshape(linear.out_features, -1, m).sum(-1)

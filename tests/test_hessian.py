@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from obsdiff_lite.hessian import HessianAccumulator, wanda_input_norm
+from obsdiff_lite.hessian import HessianAccumulator, input_variance, wanda_input_norm
 
 D = 6
 
@@ -146,6 +146,22 @@ def test_zero_weight_and_empty_batches_are_no_ops():
     assert acc.weight_sum == 0.0 and acc.num_rows == 0
     with pytest.raises(ValueError, match="no calibration"):
         wanda_input_norm(acc)
+
+
+def test_input_mean_and_variance_closed_form():
+    """DSnoT's statistics: the timestep-weighted mean of x and E[x^2] - E[x]^2, through batches, merge and state."""
+    shift = torch.linspace(-2.0, 3.0, D)  # non-zero means, one per feature
+    batches = [(x + shift.to(x.dtype), a) for x, a in _batches(5)]
+    _, mean_sq, den = _closed_form(batches)
+    mean = sum(a * x.reshape(-1, D).double().sum(0) for x, a in batches) / den
+    acc = _accumulate(batches, torch.float64)
+    torch.testing.assert_close(acc.input_mean, mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(input_variance(acc), mean_sq - mean**2, rtol=1e-10, atol=1e-10)
+    merged = _accumulate(batches[:2], torch.float64).merge(_accumulate(batches[2:], torch.float64))
+    torch.testing.assert_close(merged.input_mean, mean, rtol=1e-12, atol=1e-12)
+    assert torch.equal(HessianAccumulator.from_state(acc.state_dict()).input_mean, acc.input_mean)
+    with pytest.raises(ValueError, match="no calibration activations"):
+        input_variance(HessianAccumulator(D))
 
 
 def test_wanda_norm_closed_form():
