@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 HESSIAN_BYTES = 4  # HessianAccumulator keeps float32
-METHOD_COLORS = {"dense": "black", "magnitude": "tab:gray", "wanda": "tab:orange", "sparsegpt": "tab:green",
+METHOD_COLORS = {"dense": "black", "magnitude": "tab:gray", "wanda": "tab:orange", "dsnot": "tab:brown", "sparsegpt": "tab:green",
                  "obs-diff": "tab:blue", "obs-diff+refit": "tab:purple", "sparsegpt+refit": "tab:olive"}
 REFIT_SUFFIX = "+refit"  # sweep method labels like "obs-diff+refit": that method with PruneConfig(refit=True)
 # Short names of a block's units, per block kind (arch.BlockSpec.kind).

@@ -142,3 +142,11 @@ def test_package_sweep_cached_one_package_equals_exact(random_sd3_dir):
     ax = plot_package_map(pipe.transformer, [1, 4, "all"])
     assert len(ax.get_yticklabels()) == 3
     assert np.isfinite([r.scores["full"] for r in runs]).all()
+
+
+def test_every_unstructured_method_has_a_colour():
+    from obsdiff_lite.prune import METHODS
+    from obsdiff_lite.viz import METHOD_COLORS, REFIT_SUFFIX
+
+    unstructured = set(METHODS) - {"l1-norm"}  # l1-norm removes whole heads and neurons (viz_structured)
+    assert unstructured | {m + REFIT_SUFFIX for m in ("obs-diff", "sparsegpt")} <= set(METHOD_COLORS)
