@@ -323,6 +323,29 @@ def render_refit() -> str:
     return "\n".join(lines)
 
 
+def render_refit_masks() -> str:
+    """Each method's mask with and without least-squares weights: how much of OBS's lead is the mask."""
+    refit, quality = _rows("refit"), _rows("quality")
+    methods = ("magnitude", "wanda", "obs-diff")
+    if not _find_exact(refit, model="tiny-sd3", method="wanda", pattern="2:4", sparsity=None, refit=True):
+        return "_not measured yet: run `python benchmarks/run.py refit`_"
+    lines = ["| model | pattern | " + " | ".join(f"{m} | {m} + refit" for m in methods) + " |",
+             "|---" * (2 + 2 * len(methods)) + "|"]
+    for model in MODELS_ORDER:
+        for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
+            cells = []
+            for method in methods:
+                setting = dict(model=model, method=method, pattern=pattern, sparsity=sparsity)
+                base, new = _find_exact(quality, **setting), _find_exact(refit, **setting, refit=True)
+                cells += [_cell(base["full"]) if base else "–", _cell(new["full"]) if new else "–"]
+            lines.append(f"| {model} | {f'{sparsity:.0%}' if sparsity else pattern} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Full adherence, mean ± 95% interval over 5 calibration seeds (magnitude without re-fit uses no data: one "
+                 "run). `+ refit`: the method's own mask, its kept weights solved by least squares on the OBS-Diff "
+                 "Hessian. `python benchmarks/run.py refit` and `python benchmarks/run.py quality`.")
+    return "\n".join(lines)
+
+
 def render_structured_selection() -> str:
     """Heads chosen by fused OBS saliencies (the paper) vs by trajectory error (beyond the paper), against L1-norm."""
     rows = _rows("structured_selection")
@@ -703,7 +726,7 @@ def render_provenance() -> str:
     return "Sweeps and the commit their runs ran at: " + "; ".join(cells) + "." if cells else "_no sweeps yet_"
 
 
-RENDERERS = {"provenance": render_provenance, "claims": render_claims, "gpu": render_gpu, "structured_selection": render_structured_selection, "head_diagnosis": render_head_diagnosis, "hessian_inputs": render_hessian_inputs, "refit": render_refit, "cached_projection": render_cached_projection, "structured_parts": render_structured_parts,
+RENDERERS = {"provenance": render_provenance, "claims": render_claims, "gpu": render_gpu, "structured_selection": render_structured_selection, "head_diagnosis": render_head_diagnosis, "hessian_inputs": render_hessian_inputs, "refit": render_refit, "refit_masks": render_refit_masks, "cached_projection": render_cached_projection, "structured_parts": render_structured_parts,
              "calibration_size": render_calibration_size, "speed": render_speed, "tiny_world": render_tiny_world, "demo": render_demo, "quality": render_quality,
              "weighting": render_weighting, "packages": render_packages, "structured": render_structured,
              "overhead": render_overhead}

@@ -110,6 +110,11 @@ def experiment_runs(name: str) -> list[dict]:
             for pattern, sparsity in [("unstructured", s) for s in (0.5, 0.6, 0.7)] + [("2:4", None), ("4:8", None)]:
                 runs += [dict(model=model, method="obs-diff", pattern=pattern, sparsity=sparsity, seed=s, refit=True)
                          for s in range(5)]
+        for model in MODELS:  # the baselines' masks with least-squares weights: what the mask alone costs
+            for method in ("magnitude", "wanda"):
+                for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
+                    runs += [dict(model=model, method=method, pattern=pattern, sparsity=sparsity, seed=s, refit=True)
+                             for s in range(5)]
         for pattern, sparsity in (("unstructured", 0.5), ("unstructured", 0.6), ("2:4", None)):  # Flux's better inputs
             runs += [dict(model="tiny-flux", method="obs-diff", pattern=pattern, sparsity=sparsity, seed=s,
                           hessian_inputs="guided-image", refit=True) for s in range(5)]

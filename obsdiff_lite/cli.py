@@ -82,8 +82,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                         "the inputs combined as CFG combines the predictions | guided-image: the same for layers that "
                         "read image tokens only, plain for the others (both beyond the paper)")
     p.add_argument("--refit", action="store_true",
-                   help="after OBS chooses the mask, re-fit the kept weights by least squares on the same Hessian "
-                        "(beyond the paper; unstructured and N:M with obs-diff or sparsegpt)")
+                   help="after the mask is chosen, re-fit the kept weights by least squares on the same Hessian "
+                        "(beyond the paper; unstructured and N:M; with magnitude/wanda/dsnot: their mask, solved weights)")
     p.add_argument("--refresh-every", type=int, default=0, help="cached mode: re-run the trajectory every K packages")
     p.add_argument("--cache-device", default=None, help="cached mode: keep block inputs here: cpu, or disk / disk:/DIR (memory-mapped files)")
     _add_model_args(p)

@@ -88,11 +88,9 @@ class PruneConfig:
             raise ValueError("--head-selection / --ffn-multiple apply only to --pattern structured")
         else:
             self._validate_sparsity()
-        if self.refit and (self.pattern == "structured" or self.method not in ("obs-diff", "sparsegpt")):
-            raise ValueError(
-                "--refit re-fits the weights that OBS keeps (unstructured or N:M, --method obs-diff or sparsegpt); "
-                "structured OBS already solves its kept weights exactly"
-            )
+        if self.refit and self.pattern == "structured":
+            raise ValueError("--refit applies to unstructured and N:M pruning; structured OBS already solves its kept "
+                             "weights exactly")
         self._validate_common()
 
     def _validate_structured(self) -> None:
@@ -238,6 +236,7 @@ def _prune_group(linears: list[tuple[str, nn.Linear]], config: PruneConfig, n: i
     """
     sparsity = 0.0 if n else float(config.sparsity)  # N:M implies its own sparsity
     weights = [linear.weight.data for _, linear in linears]
+    refit_iters = REFIT_ITERS if config.refit else 0
     if config.method == "magnitude":
         results = [(*magnitude_prune(w, sparsity, n, m), {}) for w in weights]
     elif config.method == "wanda":
@@ -248,7 +247,14 @@ def _prune_group(linears: list[tuple[str, nn.Linear]], config: PruneConfig, n: i
         results = [(*dsnot_prune(w, *stats, sparsity, n, m), {}) for w in weights]
     else:
         results = sparsify_weights(weights, acc.hessian, sparsity, n, m, config.block_size, config.damp,
-                                   names=[name for name, _ in linears], refit_iters=REFIT_ITERS if config.refit else 0)
+                                   names=[name for name, _ in linears], refit_iters=refit_iters)
+    if refit_iters and config.method in ("magnitude", "wanda", "dsnot"):
+        # The baseline's mask, with its kept weights solved by least squares (OBS pass with the mask fixed, then the
+        # re-fit): separates what the mask costs from what the missing weight update costs. Inputs that never fire
+        # are zeroed as in OBS; only magnitude's mask can have kept weights there.
+        results = sparsify_weights(weights, acc.hessian, block_size=config.block_size, damp=config.damp,
+                                   keep_masks=[keep for _, keep, _ in results], names=[name for name, _ in linears],
+                                   refit_iters=refit_iters)
     records = {}
     for (name, linear), (new, _, stats) in zip(linears, results):
         linear.weight.data.copy_(new.to(linear.weight.dtype))
@@ -303,7 +309,7 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
 
     layers: dict[str, dict] = {}
     timings = {"calibration_s": 0.0, "solve_s": 0.0}
-    needs_data = config.method != "magnitude"
+    needs_data = config.method != "magnitude" or config.refit  # the re-fit needs the Hessians
     package_targets = [[t for unit in package for t in unit] for package in packages]
 
     def prune_package(p: int, accumulators: dict) -> None:

@@ -77,7 +77,7 @@ def _bad_cases(model, tmp_path):
         "unsupported dtype": (["prune", model, "--output", out, "--dtype", "float64"], "float32"),
         "output not empty": (["prune", model, "--output", str(nonempty)], "--overwrite"),
         "N:M with other sparsity": (["prune", model, "--output", out, "--pattern", "2:4", "--sparsity", "0.3"], "implies"),
-        "refit without OBS": (["prune", model, "--output", out, "--method", "magnitude", "--refit"], "--refit"),
+        "refit of structured": (["prune", model, "--output", out, "--pattern", "structured", "--refit"], "--refit"),
     }
     if not torch.cuda.is_available():  # on a GPU machine this request is legitimate
         cases["cuda without cuda"] = (["prune", model, "--output", out, "--device", "cuda"], "CUDA")

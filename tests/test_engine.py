@@ -190,7 +190,6 @@ def test_one_package_per_block_follows_block_boundaries(random_flux_dir):
         (dict(packages="all"), "one per block"),
         (dict(blocks="9:3"), "blocks"),
         (dict(prompts=[]), "empty"),
-        (dict(refit=True, method="wanda"), "--refit"),
         (dict(refit=True, pattern="structured", sparsity=0.25), "structured OBS already"),
     ],
 )
@@ -348,3 +347,18 @@ def test_refit_keeps_the_obs_masks_and_lowers_every_layers_error(random_dir, pat
     total = sum(v["recon_error"] for v in report["layers"].values())
     assert total < 0.95 * sum(v["recon_error_obs"] for v in report["layers"].values())
     assert report["config"]["refit"] is True
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_refit_of_a_baseline_keeps_its_mask_and_solves_its_weights(random_sd3_dir, method):
+    """--method wanda --refit: Wanda's zeros, least-squares weights (what the mask costs, without the update's cost)."""
+    config = dict(method=method, pattern="2:4", sparsity=None, packages=1, **FAST)
+    plain, refit = load_pipeline(random_sd3_dir), load_pipeline(random_sd3_dir)
+    prune(plain, PruneConfig(**config), progress=False)
+    report = prune(refit, PruneConfig(refit=True, **config), progress=False)
+    for name, linear in _targets(refit).items():
+        before = _targets(plain)[name].weight
+        assert torch.equal(linear.weight == 0, before == 0), name
+        assert not torch.equal(linear.weight, before), name
+        layer = report["layers"][name]
+        assert layer["recon_error"] <= layer["recon_error_obs"] * (1 + 1e-6) and layer["refit_iters"] > 0
