@@ -328,7 +328,7 @@ def _solve_bytes(linears: list[nn.Linear], method: str, pattern: str, refit: boo
     total = 0
     for i, lin in enumerate(linears):
         rows, cols = lin.weight.shape
-        if method in ("magnitude", "wanda", "dsnot", "l1-norm"):
+        if method in ("magnitude", "wanda", "dsnot", "l1-norm") and not refit:  # with --refit: an OBS solve
             total += 2 * rows * cols * 4  # score matrix and the new weight
         else:
             hessians = (copies + refit) * cols * cols * 4 if structured or i == 0 else 0
