@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
 HESSIAN_BYTES = 4  # HessianAccumulator keeps float32
 METHOD_COLORS = {"dense": "black", "magnitude": "tab:gray", "wanda": "tab:orange", "dsnot": "tab:brown", "sparsegpt": "tab:green",
-                 "obs-diff": "tab:blue", "obs-diff+refit": "tab:purple", "sparsegpt+refit": "tab:olive"}
+                 "obs-diff": "tab:blue", "obs-diff+refit": "tab:purple", "sparsegpt+refit": "tab:olive",
+                 "wanda+refit": "tab:pink", "magnitude+refit": "tab:cyan", "dsnot+refit": "tab:red"}
 REFIT_SUFFIX = "+refit"  # sweep method labels like "obs-diff+refit": that method with PruneConfig(refit=True)
 # Short names of a block's units, per block kind (arch.BlockSpec.kind).
 UNIT_NAMES = {"joint": ("qkv", "out", "ff-up", "ff-down"), "single": ("qkv+mlp", "out")}
