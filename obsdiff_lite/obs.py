@@ -78,6 +78,15 @@ def check_sparsity_args(in_features: int, sparsity: float, n: int = 0, m: int = 
         )
 
 
+def damped_hessian(hessian: Tensor, damp: float) -> Tensor:
+    """H + damp * mean|diag H| * I with dead inputs' zero diagonal set to 1 first: the matrix the OBS solve inverts."""
+    H = hessian.clone()
+    diag = torch.diagonal(H)
+    diag[diag == 0] = 1.0
+    diag.add_(damp * diag.abs().mean())
+    return H
+
+
 def prepare_inverse_hessian(
     hessian: Tensor, damp: float = 0.01, max_tries: int = 6, name: str = ""
 ) -> tuple[Tensor, dict]:
@@ -89,20 +98,16 @@ def prepare_inverse_hessian(
     if max_tries < 1:
         raise ValueError(f"max_tries must be >= 1, got {max_tries}")
     work = torch.float64 if hessian.dtype == torch.float64 else torch.float32
-    H = hessian.detach().to(work).clone()
+    H = hessian.detach().to(work)
     if not bool(torch.isfinite(H).all()):
         raise ValueError(f"Hessian{_layer(name)} contains NaN/inf; check the calibration activations")
-    diag = torch.diagonal(H)  # a view: edits below change H
-    dead = diag == 0
-    diag[dead] = 1.0
-    scale = diag.abs().mean()
+    dead = torch.diagonal(H) == 0
 
     tried = []
     d = damp
     for attempt in range(max_tries):
         tried.append(d)
-        Hd = H.clone()
-        torch.diagonal(Hd).add_(d * scale)
+        Hd = damped_hessian(H, d)  # a copy: the caller's Hessian is never changed
         L, err = torch.linalg.cholesky_ex(Hd)
         if int(err) == 0:
             Hinv = torch.cholesky_inverse(L)
@@ -122,15 +127,6 @@ def prepare_inverse_hessian(
         "badly conditioned or corrupted. Check the calibration activations, add calibration "
         "prompts, pass a larger --damp, or exclude this layer."
     )
-
-
-def damped_hessian(hessian: Tensor, damp: float) -> Tensor:
-    """H + damp * mean|diag H| * I with dead inputs' zero diagonal set to 1 first: the matrix the OBS solve inverts."""
-    H = hessian.clone()
-    diag = torch.diagonal(H)
-    diag[diag == 0] = 1.0
-    diag.add_(damp * diag.abs().mean())
-    return H
 
 
 def refit_kept_weights(
