@@ -135,7 +135,7 @@ def run_cached(pipe, arch: ArchSpec, packages: list[list[tuple[Block, dict[str, 
                call: dict, prune_package: Callable[[int, dict[str, HessianAccumulator]], None], *,
                weighting: str, weight_range: tuple[float, float], seed: int, batch_size: int,
                hessian_device=None, cache_device=None, refresh_every: int = 0, progress: bool = True,
-               hessian_inputs: str = "plain") -> dict:
+               hessian_inputs: str = "plain", track_mean: bool = False) -> dict:
     """Calibrate and prune package by package on cached block inputs; return cache/pass statistics.
 
     ``packages[p]`` lists (block, {key: first linear of an input group}) for the blocks that package p
@@ -146,13 +146,13 @@ def run_cached(pipe, arch: ArchSpec, packages: list[list[tuple[Block, dict[str, 
         return _run_cached(pipe, arch, packages, prompts, call, prune_package, store, weighting=weighting,
                            weight_range=weight_range, seed=seed, batch_size=batch_size,
                            hessian_device=hessian_device, refresh_every=refresh_every, progress=progress,
-                           guided=guided_inputs(arch, call, hessian_inputs))
+                           guided=guided_inputs(arch, call, hessian_inputs), track_mean=track_mean)
     finally:
         store.close()
 
 
 def _run_cached(pipe, arch, packages, prompts, call, prune_package, store: CacheStore, *, weighting, weight_range,
-                seed, batch_size, hessian_device, refresh_every, progress, guided) -> dict:
+                seed, batch_size, hessian_device, refresh_every, progress, guided, track_mean) -> dict:
     all_blocks = blocks(pipe.transformer, arch)
     tracker = StepTracker(pipe.scheduler, arch.timestep_scale, weighting, weight_range)
     first = packages[0][0][0]
@@ -161,7 +161,7 @@ def _run_cached(pipe, arch, packages, prompts, call, prune_package, store: Cache
     first_groups = {k: lin for _, g in packages[0] for k, lin in g.items()}
     first_tracker = StepTracker(pipe.scheduler, arch.timestep_scale, weighting, weight_range)
     with collect_hessians(pipe.transformer, arch, first_groups, first_tracker, hessian_device,
-                          guided) as first_accumulators:
+                          guided, track_mean) as first_accumulators:
         cache = capture_block_inputs(pipe, arch, first, prompts, call, seed, batch_size, store, progress)
     cache_block = first.index  # the cache holds the inputs of this block
     stats = {"trajectory_passes": 1, "cache_bytes": cache_nbytes(cache), "cache_calls": len(cache)}
@@ -179,7 +179,8 @@ def _run_cached(pipe, arch, packages, prompts, call, prune_package, store: Cache
             cache_block = start
         groups = {k: lin for _, g in package for k, lin in g.items()}
         tracker.weights = None
-        with collect_hessians(pipe.transformer, arch, groups, tracker, hessian_device, guided) as accumulators:
+        with collect_hessians(pipe.transformer, arch, groups, tracker, hessian_device, guided,
+                              track_mean) as accumulators:
             # The transformer itself is not called here: the step index comes from the cache instead.
             propagate(cache, all_blocks[start : end + 1], keep=False, on_call=lambda r: _set_step(tracker, r))
         prune_package(p, accumulators)

@@ -115,9 +115,10 @@ def guided_inputs(arch: ArchSpec, call: dict, hessian_inputs: str) -> GuidedInpu
 
 @contextmanager
 def collect_hessians(transformer: nn.Module, arch: ArchSpec, groups: dict[str, nn.Linear], tracker: StepTracker,
-                     hessian_device: torch.device | str | None = None, guided: GuidedInputs | None = None):
+                     hessian_device: torch.device | str | None = None, guided: GuidedInputs | None = None,
+                     track_mean: bool = False):
     """Within the block, every forward of ``groups[key]`` adds its input (or, with ``guided``, the CFG-combined
-    input of both halves) to ``accumulators[key]``. Non-finite inputs raise (naming the layer) at the end of the
+    input of both halves) to ``accumulators[key]`` (with ``track_mean`` also to its input mean, for DSnoT). Non-finite inputs raise (naming the layer) at the end of the
     transformer call that produced them, or on leaving the block."""
     accumulators: dict[str, HessianAccumulator] = {}
 
@@ -141,7 +142,7 @@ def collect_hessians(transformer: nn.Module, arch: ArchSpec, groups: dict[str, n
     try:
         for key, linear in groups.items():
             device = hessian_device or linear.weight.device
-            acc = HessianAccumulator(linear.in_features, device=device, name=key)
+            acc = HessianAccumulator(linear.in_features, device=device, name=key, track_mean=track_mean)
             accumulators[key] = acc
             handles.append(linear.register_forward_pre_hook(make_hook(key, acc)))
         yield accumulators
@@ -154,7 +155,7 @@ def collect_hessians(transformer: nn.Module, arch: ArchSpec, groups: dict[str, n
 def calibrate(pipe, arch: ArchSpec, groups: dict[str, nn.Linear], prompts: list[str], call: dict, *,
               weighting: str = "log-decrease", weight_range: tuple[float, float] = (0.8, 1.2), seed: int = 0,
               batch_size: int = 8, hessian_device=None, progress: bool = True, desc: str = "calibrating",
-              hessian_inputs: str = "plain") -> dict[str, HessianAccumulator]:
+              hessian_inputs: str = "plain", track_mean: bool = False) -> dict[str, HessianAccumulator]:
     """One calibration pass of the full pipeline over ``prompts``: timestep-weighted Hessians per input group.
 
     Under torch.distributed (world > 1) each rank runs only its shard of the prompts (global seeds
@@ -164,7 +165,7 @@ def calibrate(pipe, arch: ArchSpec, groups: dict[str, nn.Linear], prompts: list[
     indexed = shard(prompts, rank, world) if world > 1 else list(enumerate(prompts))
     tracker = StepTracker(pipe.scheduler, arch.timestep_scale, weighting, weight_range)
     guided = guided_inputs(arch, call, hessian_inputs)
-    with collect_hessians(pipe.transformer, arch, groups, tracker, hessian_device, guided) as accumulators:
+    with collect_hessians(pipe.transformer, arch, groups, tracker, hessian_device, guided, track_mean) as accumulators:
         # The latents are all we need: skipping the VAE decode saves time and changes nothing upstream.
         run_pipeline(pipe, [p for _, p in indexed], seed, call, batch_size, output_type="latent", progress=progress,
                      desc=desc, seeds=[seed + i for i, _ in indexed])

@@ -132,7 +132,7 @@ def allreduce_accumulators(accs: Mapping[str, HessianAccumulator]) -> Mapping[st
     scalars = torch.tensor([[accs[k].weight_sum, float(accs[k].num_rows)] for k in keys], dtype=torch.float64)
     for key in keys:  # same order on every rank
         acc = accs[key]
-        for state in (acc.hessian, acc.input_mean):
+        for state in (acc.hessian, *([acc.input_mean] if acc.track_mean else [])):
             work = state.to(_reduce_device(state)).mul(acc.weight_sum)  # un-normalise: sum over rows, not mean
             dist.all_reduce(work, op=dist.ReduceOp.SUM)
             state.copy_(work)
@@ -144,7 +144,8 @@ def allreduce_accumulators(accs: Mapping[str, HessianAccumulator]) -> Mapping[st
         acc = accs[key]
         if weight_sum > 0:
             acc.hessian.div_(weight_sum)
-            acc.input_mean.div_(weight_sum)
+            if acc.track_mean:
+                acc.input_mean.div_(weight_sum)
         acc.weight_sum, acc.num_rows = float(weight_sum), int(round(num_rows))
     return accs
 

@@ -96,17 +96,18 @@ def _layer(name: str) -> str:
 
 @dataclass
 class HessianAccumulator:
-    """Running timestep-weighted mean of 2 x x^T over calibration rows (its diagonal gives Wanda's norms), and of x
-    itself (DSnoT's expected inputs)."""
+    """Running timestep-weighted mean of 2 x x^T over calibration rows (its diagonal gives Wanda's norms), and with
+    ``track_mean`` of x itself (DSnoT's expected inputs; off by default, so OBS calibration does not pay for it)."""
 
     in_features: int
     device: torch.device | str = "cpu"
     dtype: torch.dtype = torch.float32
     name: str = ""
+    track_mean: bool = False
     weight_sum: float = field(init=False, default=0.0)
     num_rows: int = field(init=False, default=0)
     _state: Tensor = field(init=False, repr=False)  # valid on the block upper triangle; see `hessian`
-    _mean: Tensor = field(init=False, repr=False)  # weighted mean of x, [d]
+    _mean: Tensor | None = field(init=False, repr=False)  # weighted mean of x, [d], with track_mean
     _lower_stale: bool = field(init=False, repr=False, default=False)
 
     def __post_init__(self) -> None:
@@ -118,7 +119,7 @@ class HessianAccumulator:
         self.device = torch.device(self.device)
         d = self.in_features
         self._state = torch.zeros(d, d, dtype=self.dtype, device=self.device)
-        self._mean = torch.zeros(d, dtype=self.dtype, device=self.device)
+        self._mean = torch.zeros(d, dtype=self.dtype, device=self.device) if self.track_mean else None
         self._block = gram_block_size(d)
 
     @property
@@ -131,7 +132,10 @@ class HessianAccumulator:
 
     @property
     def input_mean(self) -> Tensor:
-        """Timestep-weighted mean of the inputs x, shape [d] (the accumulator's own storage)."""
+        """Timestep-weighted mean of the inputs x, shape [d] (the accumulator's own storage); needs ``track_mean``."""
+        if self._mean is None:
+            raise ValueError(f"the accumulator{_layer(self.name)} was built without track_mean=True, so it has no "
+                             "input mean (calibrate(..., track_mean=True) collects it)")
         return self._mean
 
     @property
@@ -194,7 +198,8 @@ class HessianAccumulator:
             add_gram_upper_(target, x, beta=keep if target is self._state else 0.0, alpha=scale, block=self._block)
         if target is not self._state:
             self._state.mul_(keep).add_(target.to(self._state.device))
-        self._mean.mul_(keep).add_(x.sum(0).to(self._mean.device), alpha=alpha / new_sum)  # R x d: ~1/d of X^T X
+        if self._mean is not None:  # R x d: about 1/d of the X^T X work
+            self._mean.mul_(keep).add_(x.sum(0).to(self._mean.device), alpha=alpha / new_sum)
         self._lower_stale = self._block < self.in_features
         self.weight_sum = new_sum
         self.num_rows += rows
@@ -205,27 +210,30 @@ class HessianAccumulator:
             raise ValueError(
                 f"cannot merge Hessians of width {other.in_features} into width {self.in_features}"
             )
+        if self.track_mean and not other.track_mean:
+            raise ValueError("cannot merge an accumulator without input mean into one that tracks it")
         new_sum = self.weight_sum + other.weight_sum
         if other.weight_sum == 0.0:
             return self
         other_h = other.hessian.to(self.device, self.dtype)
         self.hessian.mul_(self.weight_sum / new_sum).add_(other_h, alpha=other.weight_sum / new_sum)
-        self._mean.mul_(self.weight_sum / new_sum).add_(other.input_mean.to(self.device, self.dtype),
-                                                        alpha=other.weight_sum / new_sum)
+        if self._mean is not None:
+            self._mean.mul_(self.weight_sum / new_sum).add_(other.input_mean.to(self.device, self.dtype),
+                                                            alpha=other.weight_sum / new_sum)
         self.weight_sum = new_sum
         self.num_rows += other.num_rows
         return self
 
     def state_dict(self) -> dict:
         """Return a plain dict (tensors + numbers) that from_state() can rebuild."""
-        return {
+        state = {
             "in_features": self.in_features,
             "name": self.name,
             "hessian": self.hessian,
-            "input_mean": self.input_mean,
             "weight_sum": self.weight_sum,
             "num_rows": self.num_rows,
         }
+        return state | ({"input_mean": self.input_mean} if self.track_mean else {})
 
     @classmethod
     def from_state(
@@ -238,9 +246,10 @@ class HessianAccumulator:
             device=hessian.device if device is None else device,
             dtype=hessian.dtype if dtype is None else dtype,
             name=state.get("name", ""),
+            track_mean="input_mean" in state,
         )
         acc.hessian.copy_(hessian)
-        if "input_mean" in state:  # a Hessian-only state leaves the mean at zero (only DSnoT reads it)
+        if acc.track_mean:
             acc.input_mean.copy_(state["input_mean"])
         acc.weight_sum = float(state["weight_sum"])
         acc.num_rows = int(state["num_rows"])

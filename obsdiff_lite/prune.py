@@ -310,6 +310,7 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
     layers: dict[str, dict] = {}
     timings = {"calibration_s": 0.0, "solve_s": 0.0}
     needs_data = config.method != "magnitude" or config.refit  # the re-fit needs the Hessians
+    track_mean = config.method == "dsnot"  # only DSnoT reads the input means
     package_targets = [[t for unit in package for t in unit] for package in packages]
 
     def prune_package(p: int, accumulators: dict) -> None:
@@ -333,6 +334,7 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
             weighting=config.effective_weighting, weight_range=tuple(config.weight_range), seed=config.seed,
             batch_size=config.batch_size, hessian_device=config.hessian_device, cache_device=config.cache_device,
             refresh_every=config.refresh_every, progress=progress, hessian_inputs=config.hessian_inputs,
+            track_mean=track_mean,
         )
     else:
         for p in tqdm(range(len(packages)), desc="packages", disable=not progress):
@@ -344,7 +346,7 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
                     pipe, arch, groups, prompts, call, weighting=config.effective_weighting,
                     weight_range=tuple(config.weight_range), seed=config.seed, batch_size=config.batch_size,
                     hessian_device=config.hessian_device, progress=progress, desc=f"package {p + 1}/{len(packages)}",
-                    hessian_inputs=config.hessian_inputs,
+                    hessian_inputs=config.hessian_inputs, track_mean=track_mean,
                 )
                 timings["calibration_s"] += time.perf_counter() - t0
             prune_package(p, accumulators)

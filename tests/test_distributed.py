@@ -50,7 +50,7 @@ def test_explicit_seeds_reproduce_the_global_index_seeds(random_sd3_dir):
 def test_allreduce_renormalises(monkeypatch):
     """With a fake 2-rank all-reduce (both ranks hold the same data) the mean is unchanged, the sums double."""
     torch.manual_seed(0)
-    acc = HessianAccumulator(8, name="x")
+    acc = HessianAccumulator(8, name="x", track_mean=True)
     acc.add_batch(torch.randn(32, 8), 1.2)
     acc.add_batch(torch.randn(16, 8), 0.8)
     before, weight_sum, rows = acc.hessian.clone(), acc.weight_sum, acc.num_rows

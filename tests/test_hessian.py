@@ -32,8 +32,8 @@ def _closed_form(batches):
     return num / den, sq / den, den
 
 
-def _accumulate(batches, dtype=torch.float32):
-    acc = HessianAccumulator(D, dtype=dtype)
+def _accumulate(batches, dtype=torch.float32, track_mean=False):
+    acc = HessianAccumulator(D, dtype=dtype, track_mean=track_mean)
     for x, a in batches:
         acc.add_batch(x, a)
     return acc
@@ -154,14 +154,22 @@ def test_input_mean_and_variance_closed_form():
     batches = [(x + shift.to(x.dtype), a) for x, a in _batches(5)]
     _, mean_sq, den = _closed_form(batches)
     mean = sum(a * x.reshape(-1, D).double().sum(0) for x, a in batches) / den
-    acc = _accumulate(batches, torch.float64)
+    acc = _accumulate(batches, torch.float64, track_mean=True)
     torch.testing.assert_close(acc.input_mean, mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(input_variance(acc), mean_sq - mean**2, rtol=1e-10, atol=1e-10)
-    merged = _accumulate(batches[:2], torch.float64).merge(_accumulate(batches[2:], torch.float64))
+    merged = _accumulate(batches[:2], torch.float64, True).merge(_accumulate(batches[2:], torch.float64, True))
     torch.testing.assert_close(merged.input_mean, mean, rtol=1e-12, atol=1e-12)
     assert torch.equal(HessianAccumulator.from_state(acc.state_dict()).input_mean, acc.input_mean)
     with pytest.raises(ValueError, match="no calibration activations"):
-        input_variance(HessianAccumulator(D))
+        input_variance(HessianAccumulator(D, track_mean=True))
+    # Without track_mean (the default: OBS calibration) there is no mean to read, save or merge in.
+    plain = _accumulate(batches, torch.float64)
+    assert "input_mean" not in plain.state_dict()
+    with pytest.raises(ValueError, match="track_mean"):
+        plain.input_mean
+    with pytest.raises(ValueError, match="without input mean"):
+        acc.merge(plain)
+    torch.testing.assert_close(plain.hessian, acc.hessian, rtol=0, atol=0)  # the Hessian does not depend on it
 
 
 def test_wanda_norm_closed_form():
