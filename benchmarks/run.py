@@ -42,6 +42,8 @@ MODELS = ("tiny-sd3", "tiny-flux")
 # methods are paired on identical prompts and noise seeds; evaluation seeds < 10_000 (calibration uses 10_000+).
 EVAL_PROMPTS, EVAL_SEED = 120, 0
 CALIB_PROMPTS = 16
+EXPERIMENTS = ("quality", "weighting", "packages", "calibration_size", "structured", "structured_parts",
+               "structured_selection", "hessian_inputs", "paper_calibration", "refit", "weight_range", "solver_settings")
 
 
 def experiment_runs(name: str) -> list[dict]:
@@ -135,7 +137,7 @@ def experiment_runs(name: str) -> list[dict]:
     elif name == "solver_settings":  # settings the paper never states (its code: damp 0.01, blocksize 128)
         for model in MODELS:
             for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
-                for damp in (0.001, 0.1):
+                for damp in (0.001, 0.03, 0.1, 0.3):
                     runs += [dict(model=model, method="obs-diff", pattern=pattern, sparsity=sparsity, seed=s, damp=damp)
                              for s in range(5)]
             # The mask is chosen per column block: 32 re-chooses it every 32 columns instead of every 128 (for N:M
@@ -315,9 +317,7 @@ def plots() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=["quality", "weighting", "packages", "calibration_size", "structured", "structured_parts", "structured_selection", "hessian_inputs", "paper_calibration",
-                                               "refit", "weight_range", "solver_settings", "summarize",
-                                               "plots"])
+    parser.add_argument("experiment", choices=[*EXPERIMENTS, "summarize", "plots"])
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th run starting at i")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

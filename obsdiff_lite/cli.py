@@ -73,6 +73,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--blocks", default=None, help="START:END block range, END exclusive (default all; structured: 1:N-1)")
     p.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of mean Hessian diagonal")
+    p.add_argument("--block-size", type=int, default=128,
+                   help="OBS column block: unstructured masks are chosen per block of this many columns (default 128)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call during calibration")
     p.add_argument("--hessian-device", default=None, help="keep Hessians here (e.g. cpu) while the model runs on --device")
     p.add_argument("--calibration", default="exact",
@@ -103,7 +105,7 @@ def _prune_config(args):
         head_candidates=args.head_candidates, trajectory_prompts=args.trajectory_prompts, weighting=args.weighting,
         weight_range=tuple(args.weight_range), packages=args.packages, num_prompts=args.num_prompts,
         prompts=prompts, steps=args.steps, guidance=args.guidance, seed=args.seed, blocks=args.blocks,
-        damp=args.damp, batch_size=args.batch_size, hessian_device=args.hessian_device,
+        damp=args.damp, block_size=args.block_size, batch_size=args.batch_size, hessian_device=args.hessian_device,
         calibration=args.calibration, refresh_every=args.refresh_every, cache_device=args.cache_device,
         hessian_inputs=args.hessian_inputs, refit=args.refit,
     )

@@ -11,6 +11,7 @@ already-pruned earlier ones.
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import resource
 import sys
@@ -137,8 +138,8 @@ class PruneConfig:
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
         lo, hi = self.weight_range
-        if not (0 <= lo <= hi):
-            raise ValueError(f"--weight-range needs 0 <= MIN <= MAX, got {lo} {hi}")
+        if not (0 <= lo <= hi and math.isfinite(hi)):
+            raise ValueError(f"--weight-range needs finite 0 <= MIN <= MAX, got {lo} {hi}")
         if self.packages != PER_BLOCK and (isinstance(self.packages, bool) or not isinstance(self.packages, int)
                                            or self.packages < 1):
             raise ValueError(f"packages must be an integer >= 1 or {PER_BLOCK!r} (one per block), got {self.packages!r}")
@@ -150,8 +151,11 @@ class PruneConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.damp < 0:
-            raise ValueError(f"damp must be >= 0, got {self.damp}")
+        if not (self.damp >= 0 and math.isfinite(self.damp)):  # also refuses NaN, which compares false
+            raise ValueError(f"damp must be a finite number >= 0 (e.g. 0.01 = 1% of the mean Hessian diagonal), "
+                             f"got {self.damp}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be a positive integer (e.g. 128), got {self.block_size!r}")
 
     @property
     def effective_weighting(self) -> str:

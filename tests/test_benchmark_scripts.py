@@ -69,3 +69,24 @@ def test_calibration_overhead_script_in_a_small_setting(tmp_path):
     assert all(r["overhead_range"][0] == r["overhead_range"][1] == r["overhead"] for r in measured["runs"])  # 1 repeat
     counts = measured["multiply_adds"]
     assert counts["hessian_per_linear"] == counts["hessians"] / counts["linears"] and 0.5 < counts["hessian_per_linear"] < 2
+
+
+
+def test_every_sweep_run_is_a_valid_prune_config():
+    """A typo in a sweep's settings must fail here, not an hour into the sweep."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import run as sweeps
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from obsdiff_lite.prune import PruneConfig
+
+    assert {"quality", "refit", "weight_range", "solver_settings"} <= set(sweeps.EXPERIMENTS)
+    for name in sweeps.EXPERIMENTS:
+        runs = sweeps.experiment_runs(name)
+        assert runs, name
+        assert len({sweeps.run_key(r) for r in runs}) == len(runs), f"{name} repeats a run"
+        for run in runs:
+            assert (ROOT / "data" / run["model"]).is_dir(), run
+            settings = {k: v for k, v in run.items() if k != "model"}
+            PruneConfig(**({"num_prompts": sweeps.CALIB_PROMPTS} | settings)).validate()

@@ -78,6 +78,7 @@ def _bad_cases(model, tmp_path):
         "output not empty": (["prune", model, "--output", str(nonempty)], "--overwrite"),
         "N:M with other sparsity": (["prune", model, "--output", out, "--pattern", "2:4", "--sparsity", "0.3"], "implies"),
         "refit of structured": (["prune", model, "--output", out, "--pattern", "structured", "--refit"], "--refit"),
+        "block size zero": (["prune", model, "--output", out, "--block-size", "0"], "block_size"),
     }
     if not torch.cuda.is_available():  # on a GPU machine this request is legitimate
         cases["cuda without cuda"] = (["prune", model, "--output", out, "--device", "cuda"], "CUDA")

@@ -191,6 +191,9 @@ def test_one_package_per_block_follows_block_boundaries(random_flux_dir):
         (dict(blocks="9:3"), "blocks"),
         (dict(prompts=[]), "empty"),
         (dict(refit=True, pattern="structured", sparsity=0.25), "structured OBS already"),
+        (dict(damp=float("nan")), "damp must be a finite"),
+        (dict(block_size=0), "block_size must be a positive integer"),
+        (dict(weight_range=(0.8, float("inf"))), "finite 0 <= MIN <= MAX"),
     ],
 )
 def test_bad_config_is_refused_before_work(random_sd3_dir, kwargs, match):
