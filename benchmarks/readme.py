@@ -83,6 +83,11 @@ def _find(rows: list[dict], **setting) -> dict | None:
     return None
 
 
+def _pattern_label(pattern: str, sparsity: float | None) -> str:
+    """A table label for a pattern: its sparsity ("50%") for unstructured, the pattern itself ("2:4") for N:M."""
+    return f"{sparsity:.0%}" if sparsity else pattern
+
+
 QUALITY_PATTERNS = [("unstructured", 0.3), ("unstructured", 0.5), ("unstructured", 0.6), ("unstructured", 0.7),
                     ("2:4", None), ("4:8", None)]
 QUALITY_METHODS = ["magnitude", "wanda", "dsnot", "sparsegpt", "obs-diff"]
@@ -96,7 +101,7 @@ def render_quality() -> str:
     lines = []
     for model in ("tiny-sd3", "tiny-flux"):
         dense = data["dense"].get(model, {}).get("full")
-        head = [f"{s:.0%}" if s else p for p, s in QUALITY_PATTERNS]
+        head = [_pattern_label(p, s) for p, s in QUALITY_PATTERNS]
         lines += [f"**{model}** (dense: {dense:.3f})" if dense is not None else f"**{model}**", "",
                   "| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
         for method in QUALITY_METHODS:
@@ -253,7 +258,7 @@ def render_hessian_inputs() -> str:
             return
         d = dense.get(model, {}).get("full")
         shares = " / ".join(f"{r['full']['mean'] / d:.1%}" for r in (plain, *rows)) if d else "–"
-        label = f"{sparsity:.0%}" if sparsity else pattern
+        label = _pattern_label(pattern, sparsity)
         lines.append(f"| {model} | {prompts} | {label} | {_cell(plain['full'])} | "
                      + " | ".join(_cell(r["full"]) for r in rows) + " | "
                      + " | ".join(_fmt(compare(r, plain)) for r in rows) + f" | {shares} |")
@@ -312,7 +317,7 @@ def render_refit() -> str:
             continue
         d = dense.get(model, {}).get("full")
         shares = f"{base['full']['mean'] / d:.1%} / {new['full']['mean'] / d:.1%}" if d else "–"
-        label = f"{sparsity:.0%}" if sparsity else pattern
+        label = _pattern_label(pattern, sparsity)
         lines.append(f"| {model} | {prompts} | {inputs} | {label} | {_cell(base['full'])} | {_cell(new['full'])} | "
                      f"{_fmt(compare(new, base))} | {base['psnr']['mean']:.1f} / {new['psnr']['mean']:.1f} | {shares} |")
     seeds = max(len(r["seeds"]) for r in refit)
@@ -324,10 +329,6 @@ def render_refit() -> str:
 
 
 STRONG = [0.1, 1.9]  # the widest weight range of the weight_range sweep
-
-
-def _pattern_label(pattern: str, sparsity: float | None) -> str:
-    return f"{sparsity:.0%}" if sparsity else pattern
 
 
 def render_weight_range() -> str:
@@ -387,7 +388,7 @@ def render_solver_settings() -> str:
     lines.append("")
     lines.append(f"OBS-Diff, full adherence, mean ± 95% interval over {seeds} calibration seeds, differences paired "
                  "over the same seeds and evaluation prompts; 16 calibration prompts, 4 packages. The default rows repeat "
-                 "the quality table's OBS-Diff runs. Layer error: each pruned layer's output error on its calibration "
+                 "the quality table's OBS-Diff runs (same scores, run again for their layer error). Layer error: each pruned layer's output error on its calibration "
                  "Hessian relative to its output, averaged over layers (what OBS minimizes; `recon_error_rel` in "
                  "`obsdiff.json`). For N:M the block size only reorders float sums, so it is not run. "
                  "`python benchmarks/run.py solver_settings`.")
@@ -409,7 +410,7 @@ def render_refit_masks() -> str:
                 setting = dict(model=model, method=method, pattern=pattern, sparsity=sparsity)
                 base, new = _find_exact(quality, **setting), _find_exact(refit, **setting, refit=True)
                 cells += [_cell(base["full"]) if base else "–", _cell(new["full"]) if new else "–"]
-            lines.append(f"| {model} | {f'{sparsity:.0%}' if sparsity else pattern} | " + " | ".join(cells) + " |")
+            lines.append(f"| {model} | {_pattern_label(pattern, sparsity)} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Full adherence, mean ± 95% interval over 5 calibration seeds (magnitude without re-fit uses no data: one "
                  "run). `+ refit`: the method's own mask, its kept weights solved by least squares on the OBS-Diff "
@@ -678,7 +679,7 @@ def render_claims() -> str:
                 b = _find(quality.get("rows", []), model=model, method=o, pattern=pattern, sparsity=sparsity)
                 d = compare(a, b)
                 verdicts.append(_verdict(d))
-                label = f"{sparsity:.0%}" if sparsity else pattern
+                label = _pattern_label(pattern, sparsity)
                 parts.append(f"{model} {label} vs {o}: {_fmt(d)}")
         return parts, verdicts
 

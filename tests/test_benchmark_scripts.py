@@ -71,7 +71,6 @@ def test_calibration_overhead_script_in_a_small_setting(tmp_path):
     assert counts["hessian_per_linear"] == counts["hessians"] / counts["linears"] and 0.5 < counts["hessian_per_linear"] < 2
 
 
-
 def test_every_sweep_run_is_a_valid_prune_config():
     """A typo in a sweep's settings must fail here, not an hour into the sweep."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
