@@ -17,6 +17,7 @@ long sweep can be interrupted and resumed, and split over processes with --shard
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import statistics
@@ -43,7 +44,9 @@ MODELS = ("tiny-sd3", "tiny-flux")
 EVAL_PROMPTS, EVAL_SEED = 120, 0
 CALIB_PROMPTS = 16
 EXPERIMENTS = ("quality", "weighting", "packages", "calibration_size", "structured", "structured_parts",
-               "structured_selection", "hessian_inputs", "paper_calibration", "refit", "weight_range", "solver_settings")
+               "structured_selection", "hessian_inputs", "paper_calibration", "refit", "weight_range", "solver_settings", "robustness")
+# Off-calibration sampling (robustness sweep): diffusers scheduler classes by sampler name.
+SAMPLERS = {"heun": "FlowMatchHeunDiscreteScheduler"}
 
 
 def experiment_runs(name: str) -> list[dict]:
@@ -144,6 +147,15 @@ def experiment_runs(name: str) -> list[dict]:
             # the block size changes nothing but the order of float sums, so it is not run).
             runs += [dict(model=model, method="obs-diff", pattern="unstructured", sparsity=0.5, seed=s, block_size=32)
                      for s in range(5)]
+    elif name == "robustness":  # App. D (Tables 11-13): calibrated at the model's own settings, sampled at others
+        for model in MODELS:
+            evaluations = [{"guidance": 2.0}, {"guidance": 6.0}, {"steps": 10}, {"steps": 40}]
+            if model == "tiny-sd3":  # diffusers' Flux pipeline passes custom sigmas, which the Heun scheduler refuses
+                evaluations.append({"sampler": "heun"})
+            for evaluation in evaluations:
+                for method in ("wanda", "obs-diff"):
+                    runs += [dict(model=model, method=method, pattern="unstructured", sparsity=0.5, seed=s,
+                                  eval=evaluation) for s in range(5)]
     else:
         raise SystemExit(f"unknown experiment {name!r}")
     return runs
@@ -157,13 +169,30 @@ def run_key(run: dict) -> str:
 _DENSE: dict[str, tuple] = {}
 
 
-def dense_reference(model: str):
-    """Dense ShapeBench images and scores of a model (computed once per process)."""
-    if model not in _DENSE:
-        pipe = load_pipeline(ROOT / "data" / model)
-        specs, images = sample_shapebench(pipe, EVAL_PROMPTS, EVAL_SEED, progress=False)
-        _DENSE[model] = (specs, images, evaluate(images, specs))
-    return _DENSE[model]
+def prune_settings(run: dict) -> dict:
+    """The PruneConfig arguments of a run: everything but the model and the evaluation settings."""
+    return {"num_prompts": CALIB_PROMPTS} | {k: v for k, v in run.items() if k not in ("model", "eval")}
+
+
+def sample(pipe, evaluation: dict | None = None):
+    """ShapeBench specs and images of ``pipe``, sampled with the model's settings or those in ``evaluation``
+    (``steps``, ``guidance``, ``sampler``: a key of SAMPLERS)."""
+    evaluation = evaluation or {}
+    if "sampler" in evaluation:
+        import diffusers
+
+        pipe.scheduler = getattr(diffusers, SAMPLERS[evaluation["sampler"]]).from_config(pipe.scheduler.config)
+    return sample_shapebench(pipe, EVAL_PROMPTS, EVAL_SEED, progress=False, steps=evaluation.get("steps"),
+                             guidance=evaluation.get("guidance"))
+
+
+def dense_reference(model: str, evaluation: dict | None = None):
+    """Dense ShapeBench images and scores of a model, per evaluation setting (computed once per process)."""
+    key = f"{model} {json.dumps(evaluation or {}, sort_keys=True)}"
+    if key not in _DENSE:
+        specs, images = sample(load_pipeline(ROOT / "data" / model), evaluation)
+        _DENSE[key] = (specs, images, evaluate(images, specs))
+    return _DENSE[key]
 
 
 def code_version() -> str:
@@ -181,14 +210,13 @@ def code_version() -> str:
 
 def execute(run: dict) -> dict:
     """Prune a fresh copy with the run's settings and score it; returns the run plus its measurements."""
-    specs, dense_images, _ = dense_reference(run["model"])
-    settings = {k: v for k, v in run.items() if k not in ("model",)}
-    config = PruneConfig(**({"num_prompts": CALIB_PROMPTS} | settings))
+    specs, dense_images, _ = dense_reference(run["model"], run.get("eval"))
+    config = PruneConfig(**prune_settings(run))
     pipe = load_pipeline(ROOT / "data" / run["model"])
     t0 = time.perf_counter()
-    report = prune(pipe, config, progress=False)
+    report = prune(pipe, config, progress=False)  # calibrated with the model's own settings, whatever run["eval"] is
     wall = time.perf_counter() - t0
-    _, images = sample_shapebench(pipe, EVAL_PROMPTS, EVAL_SEED, progress=False)
+    _, images = sample(pipe, run.get("eval"))
     scores = evaluate(images, specs, reference=dense_images)
     extra = {k: report[k] for k in ("parameters_before", "parameters_after", "macs_before", "macs_after") if k in report}
     layer_errors = [layer["recon_error_rel"] for layer in report["layers"].values() if "recon_error_rel" in layer]
@@ -253,28 +281,41 @@ def summarize() -> None:
                     row[metric] = mean_ci(vals)
             rows.append(row)
         dense = {m: _dense_scores(m) for m in MODELS if (ROOT / "data" / m).exists()}
+        evaluations = {json.dumps([r["setting"]["model"], r["setting"]["eval"]], sort_keys=True): r["setting"]
+                       for r in rows if "eval" in r["setting"]}
+        dense_eval = [{"model": st["model"], "eval": st["eval"], "scores": _dense_scores(st["model"], st["eval"])}
+                      for st in evaluations.values()]
         (RESULTS / f"{name}.json").write_text(json.dumps({"experiment": name, "code": sorted(code), "eval_prompts": EVAL_PROMPTS,
                                                          "eval_seed": EVAL_SEED, "calibration_prompts": CALIB_PROMPTS,
                                                          "command": f"python benchmarks/run.py {name}",
-                                                         "dense": dense, "rows": rows}, indent=2) + "\n")
-        with (RESULTS / f"{name}.csv").open("w") as f:
+                                                         "dense": dense, "rows": rows,
+                                                         **({"dense_eval": dense_eval} if dense_eval else {})},
+                                                        indent=2) + "\n")
+        with (RESULTS / f"{name}.csv").open("w", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")  # quotes settings such as weight_range [0.1, 1.9] that hold commas
             keys = sorted({k for r in rows for k in r["setting"]})
             metrics = ["full", "fd", "psnr", "prune_wall_s"]
-            f.write(",".join(keys + [f"{m}_{s}" for m in metrics for s in ("mean", "ci95")] + ["n"]) + "\n")
+            writer.writerow(keys + [f"{m}_{s}" for m in metrics for s in ("mean", "ci95")] + ["n"])
             for r in rows:
-                cells = [str(r["setting"].get(k, "")) for k in keys]
+                cells = [_csv_value(r["setting"].get(k, "")) for k in keys]
                 for m in metrics:
                     cells += [f"{r[m]['mean']:.6g}", f"{r[m]['ci95']:.6g}"] if m in r else ["", ""]
-                f.write(",".join(cells + [str(len(r["seeds"]))]) + "\n")
+                writer.writerow(cells + [str(len(r["seeds"]))])
         print(f"summarized {name}: {len(rows)} settings")
 
 
-def _dense_scores(model: str) -> dict:
+def _csv_value(value) -> str:
+    """A setting as one CSV cell: JSON for lists and dicts (weight_range, eval), plain text otherwise."""
+    return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else str(value)
+
+
+def _dense_scores(model: str, evaluation: dict | None = None) -> dict:
+    """The dense model's ShapeBench scores (cached in dense_reference.json), at its own or other sampling settings."""
     path = RESULTS / "dense_reference.json"
     cache = json.loads(path.read_text()) if path.exists() else {}
-    key = f"{model}:{EVAL_PROMPTS}:{EVAL_SEED}"
+    key = f"{model}:{EVAL_PROMPTS}:{EVAL_SEED}" + (f":{json.dumps(evaluation, sort_keys=True)}" if evaluation else "")
     if key not in cache:
-        cache[key] = dense_reference(model)[2]
+        cache[key] = dense_reference(model, evaluation)[2]
         path.write_text(json.dumps(cache, indent=2) + "\n")
     return cache[key]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .pipelines import call_kwargs, generate_images, load_pipeline
+from .pipelines import generate_images, load_pipeline, pipeline_call
 from .shapes.bench import evaluate, format_table, image_grid
 from .shapes.dataset import balanced_specs
 
@@ -24,10 +24,12 @@ def shapebench_prompts(num_prompts: int, seed: int = 0):
     return specs, [s.caption() for s in specs]
 
 
-def sample_shapebench(pipe, num_prompts: int = 64, seed: int = 0, batch_size: int = 32, progress: bool = True):
-    """(specs, uint8 images) for the ShapeBench prompts, with the model's generation.json settings."""
+def sample_shapebench(pipe, num_prompts: int = 64, seed: int = 0, batch_size: int = 32, progress: bool = True,
+                      steps: int | None = None, guidance: float | None = None):
+    """(specs, uint8 images) for the ShapeBench prompts, with the model's generation.json settings (step count and
+    CFG scale overridden if given)."""
     specs, prompts = shapebench_prompts(num_prompts, seed)
-    call = call_kwargs(getattr(pipe, "obsdiff_generation", {}))
+    call = pipeline_call(pipe, steps, guidance)
     images = generate_images(pipe, prompts, seed=seed, call=call, batch_size=batch_size, progress=progress)
     return specs, images
 

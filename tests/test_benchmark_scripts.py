@@ -80,12 +80,13 @@ def test_every_sweep_run_is_a_valid_prune_config():
         sys.path.remove(str(ROOT / "benchmarks"))
     from obsdiff_lite.prune import PruneConfig
 
-    assert {"quality", "refit", "weight_range", "solver_settings"} <= set(sweeps.EXPERIMENTS)
+    assert {"quality", "refit", "weight_range", "solver_settings", "robustness"} <= set(sweeps.EXPERIMENTS)
     for name in sweeps.EXPERIMENTS:
         runs = sweeps.experiment_runs(name)
         assert runs, name
         assert len({sweeps.run_key(r) for r in runs}) == len(runs), f"{name} repeats a run"
         for run in runs:
             assert (ROOT / "data" / run["model"]).is_dir(), run
-            settings = {k: v for k, v in run.items() if k != "model"}
-            PruneConfig(**({"num_prompts": sweeps.CALIB_PROMPTS} | settings)).validate()
+            PruneConfig(**sweeps.prune_settings(run)).validate()
+            assert set(run.get("eval", {})) <= {"steps", "guidance", "sampler"}, run
+            assert run.get("eval", {}).get("sampler", "heun") in sweeps.SAMPLERS, run
