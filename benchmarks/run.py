@@ -20,6 +20,7 @@ import argparse
 import csv
 import json
 import math
+import random
 import statistics
 import sys
 import time
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from obsdiff_lite.evaluate import sample_shapebench  # noqa: E402
 from obsdiff_lite.pipelines import load_pipeline  # noqa: E402
-from obsdiff_lite.prune import PruneConfig, prune  # noqa: E402
+from obsdiff_lite.prune import PruneConfig, prune, read_prompts  # noqa: E402
 from obsdiff_lite.schedules import WEIGHTINGS  # noqa: E402
 from obsdiff_lite.shapes.bench import evaluate  # noqa: E402
 
@@ -44,9 +45,11 @@ MODELS = ("tiny-sd3", "tiny-flux")
 EVAL_PROMPTS, EVAL_SEED = 120, 0
 CALIB_PROMPTS = 16
 EXPERIMENTS = ("quality", "weighting", "packages", "calibration_size", "structured", "structured_parts",
-               "structured_selection", "hessian_inputs", "paper_calibration", "refit", "weight_range", "solver_settings", "robustness")
+               "structured_selection", "hessian_inputs", "paper_calibration", "refit", "weight_range", "solver_settings", "robustness", "calibration_source")
 # Off-calibration sampling (robustness sweep): diffusers scheduler classes by sampler name.
 SAMPLERS = {"heun": "FlowMatchHeunDiscreteScheduler"}
+# Calibration prompts other than the tiny world's captions (calibration_source sweep), by name.
+PROMPT_SOURCES = {"real-world": ROOT / "data" / "prompts" / "calibration.txt"}
 
 
 def experiment_runs(name: str) -> list[dict]:
@@ -156,6 +159,12 @@ def experiment_runs(name: str) -> list[dict]:
                 for method in ("wanda", "obs-diff"):
                     runs += [dict(model=model, method=method, pattern="unstructured", sparsity=0.5, seed=s,
                                   eval=evaluation) for s in range(5)]
+    elif name == "calibration_source":  # Table 14 / reviewer R1: calibration prompts from another distribution
+        for model in MODELS:
+            for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
+                for method in ("wanda", "obs-diff"):
+                    runs += [dict(model=model, method=method, pattern=pattern, sparsity=sparsity, seed=s,
+                                  prompt_source="real-world") for s in range(5)]
     else:
         raise SystemExit(f"unknown experiment {name!r}")
     return runs
@@ -170,8 +179,14 @@ _DENSE: dict[str, tuple] = {}
 
 
 def prune_settings(run: dict) -> dict:
-    """The PruneConfig arguments of a run: everything but the model and the evaluation settings."""
-    return {"num_prompts": CALIB_PROMPTS} | {k: v for k, v in run.items() if k not in ("model", "eval")}
+    """The PruneConfig arguments of a run: everything but the model and the evaluation settings; a
+    ``prompt_source`` becomes the prompts themselves (the run's seed draws them from that list)."""
+    settings = {"num_prompts": CALIB_PROMPTS} | {k: v for k, v in run.items()
+                                                 if k not in ("model", "eval", "prompt_source")}
+    if "prompt_source" in run:
+        prompts = read_prompts(PROMPT_SOURCES[run["prompt_source"]])
+        settings["prompts"] = random.Random(run["seed"]).sample(prompts, settings["num_prompts"])
+    return settings
 
 
 def sample(pipe, evaluation: dict | None = None):

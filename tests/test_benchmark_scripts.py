@@ -80,13 +80,17 @@ def test_every_sweep_run_is_a_valid_prune_config():
         sys.path.remove(str(ROOT / "benchmarks"))
     from obsdiff_lite.prune import PruneConfig
 
-    assert {"quality", "refit", "weight_range", "solver_settings", "robustness"} <= set(sweeps.EXPERIMENTS)
+    assert {"quality", "refit", "weight_range", "solver_settings", "robustness", "calibration_source"} <= set(sweeps.EXPERIMENTS)
     for name in sweeps.EXPERIMENTS:
         runs = sweeps.experiment_runs(name)
         assert runs, name
         assert len({sweeps.run_key(r) for r in runs}) == len(runs), f"{name} repeats a run"
         for run in runs:
             assert (ROOT / "data" / run["model"]).is_dir(), run
-            PruneConfig(**sweeps.prune_settings(run)).validate()
+            settings = sweeps.prune_settings(run)
+            PruneConfig(**settings).validate()
+            if "prompt_source" in run:  # drawn by the run's seed from the named list, so seeds differ in prompts
+                assert len(settings["prompts"]) == sweeps.CALIB_PROMPTS
+                assert settings["prompts"] == sweeps.prune_settings(run)["prompts"]
             assert set(run.get("eval", {})) <= {"steps", "guidance", "sampler"}, run
             assert run.get("eval", {}).get("sampler", "heun") in sweeps.SAMPLERS, run
