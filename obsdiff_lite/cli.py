@@ -195,6 +195,7 @@ def cmd_eval(args) -> int:
     rows = evaluate_models(
         {str(args.model): args.model}, reference=args.reference, num_prompts=args.num_prompts, seed=args.seed,
         device=args.device, dtype=args.dtype, grid=args.grid, json_path=args.json, batch_size=args.batch_size,
+        steps=args.steps, guidance=args.guidance,
     )
     return 0 if rows else 1
 
@@ -237,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="write the scores to this JSON file")
     p.add_argument("--grid", type=Path, help="write an image grid PNG")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: the model's generation.json); e.g. to test a model off its calibration")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's generation.json)")
     _add_model_args(p)
     p.set_defaults(func=cmd_eval)
 

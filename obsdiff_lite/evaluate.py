@@ -36,14 +36,19 @@ def sample_shapebench(pipe, num_prompts: int = 64, seed: int = 0, batch_size: in
 
 def evaluate_models(models: dict[str, str | Path], reference: str | Path | None = None, num_prompts: int = 64,
                     seed: int = 0, device: str = "cpu", dtype: str = "float32", grid: Path | None = None,
-                    json_path: Path | None = None, batch_size: int = 32, progress: bool = True) -> dict[str, dict]:
-    """Score each model (name -> path) on ShapeBench; fidelity (PSNR/SSIM) against ``reference`` if given."""
+                    json_path: Path | None = None, batch_size: int = 32, progress: bool = True,
+                    steps: int | None = None, guidance: float | None = None) -> dict[str, dict]:
+    """Score each model (name -> path) on ShapeBench; fidelity (PSNR/SSIM) against ``reference`` if given. Every
+    model, the reference too, samples with its generation.json settings, or with ``steps`` / ``guidance`` if given."""
+    sampling = dict(steps=steps, guidance=guidance)
     ref_images = None
     if reference is not None:
-        _, ref_images = sample_shapebench(load_pipeline(reference, device, dtype), num_prompts, seed, batch_size, progress)
+        _, ref_images = sample_shapebench(load_pipeline(reference, device, dtype), num_prompts, seed, batch_size, progress,
+                                          **sampling)
     rows, grids = {}, []
     for name, path in models.items():
-        specs, images = sample_shapebench(load_pipeline(path, device, dtype), num_prompts, seed, batch_size, progress)
+        specs, images = sample_shapebench(load_pipeline(path, device, dtype), num_prompts, seed, batch_size, progress,
+                                          **sampling)
         rows[name] = evaluate(images, specs, reference=ref_images)
         grids.append(images[:16])
     print(format_table(rows))
@@ -53,6 +58,7 @@ def evaluate_models(models: dict[str, str | Path], reference: str | Path | None 
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         payload = {"num_prompts": num_prompts, "seed": seed, "reference": str(reference) if reference else None,
+                   "steps": steps, "guidance": guidance,
                    "models": {k: str(v) for k, v in models.items()}, "scores": rows}
         Path(json_path).write_text(json.dumps(payload, indent=2) + "\n")
     return rows

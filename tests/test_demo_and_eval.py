@@ -38,6 +38,30 @@ def test_eval_cli_prints_table_and_writes_json_and_grid(random_sd3_dir, tmp_path
     assert (tmp_path / "g.png").is_file()
 
 
+def test_eval_samples_with_the_steps_and_guidance_asked_for(random_sd3_dir, tmp_path):
+    import torch
+
+    from obsdiff_lite.evaluate import sample_shapebench
+    from obsdiff_lite.pipelines import load_pipeline
+
+    pipe = load_pipeline(random_sd3_dir)
+    batches = []
+    pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]),
+                                               with_kwargs=True)
+    _, default = sample_shapebench(pipe, 3, progress=False)
+    steps = pipe.obsdiff_generation["num_inference_steps"]
+    assert batches == [2 * 3] * steps  # generation.json: CFG batches uncond and cond together
+    batches.clear()
+    _, fewer = sample_shapebench(pipe, 3, progress=False, steps=2, guidance=1.0)
+    assert batches == [3, 3]  # two steps, and CFG 1 runs no unconditional half
+    assert not torch.equal(torch.as_tensor(default), torch.as_tensor(fewer))
+
+    code = main(["eval", str(random_sd3_dir), "--num-prompts", "2", "--steps", "2", "--guidance", "1.5",
+                 "--json", str(tmp_path / "e.json")])
+    saved = json.loads((tmp_path / "e.json").read_text())
+    assert code == 0 and (saved["steps"], saved["guidance"]) == (2, 1.5)
+
+
 def test_readme_numbers_match_results_files():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "readme.py"), "--check"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
