@@ -45,7 +45,8 @@ MODELS = ("tiny-sd3", "tiny-flux")
 EVAL_PROMPTS, EVAL_SEED = 120, 0
 CALIB_PROMPTS = 16
 EXPERIMENTS = ("quality", "weighting", "packages", "calibration_size", "structured", "structured_parts",
-               "structured_selection", "hessian_inputs", "paper_calibration", "refit", "weight_range", "solver_settings", "robustness", "calibration_source")
+               "structured_selection", "hessian_inputs", "paper_calibration", "refit", "weight_range", "solver_settings", "robustness", "calibration_source",
+               "block_sensitivity")
 # Off-calibration sampling (robustness sweep): diffusers scheduler classes by sampler name.
 SAMPLERS = {"heun": "FlowMatchHeunDiscreteScheduler"}
 # Calibration prompts other than the tiny world's captions (calibration_source sweep), by name.
@@ -165,6 +166,11 @@ def experiment_runs(name: str) -> list[dict]:
                 for method in ("wanda", "obs-diff"):
                     runs += [dict(model=model, method=method, pattern=pattern, sparsity=sparsity, seed=s,
                                   prompt_source="real-world") for s in range(5)]
+    elif name == "block_sensitivity":  # which blocks 2:4 hurts most (the paper's Table 2 skips the first 2 and last 13)
+        for model in MODELS:  # both tiny models have 6 blocks (tiny-Flux: 2 double-stream, then 4 single-stream)
+            for block in range(6):
+                runs += [dict(model=model, method="obs-diff", pattern="2:4", sparsity=None, seed=s,
+                              blocks=f"{block}:{block + 1}") for s in range(3)]
     else:
         raise SystemExit(f"unknown experiment {name!r}")
     return runs
@@ -233,7 +239,8 @@ def execute(run: dict) -> dict:
     wall = time.perf_counter() - t0
     _, images = sample(pipe, run.get("eval"))
     scores = evaluate(images, specs, reference=dense_images)
-    extra = {k: report[k] for k in ("parameters_before", "parameters_after", "macs_before", "macs_after") if k in report}
+    extra = {k: report[k] for k in ("parameters_before", "parameters_after", "macs_before", "macs_after",
+                                    "targeted_parameters") if k in report}
     layer_errors = [layer["recon_error_rel"] for layer in report["layers"].values() if "recon_error_rel" in layer]
     if layer_errors:  # what OBS minimizes: each layer's output error on the calibration Hessian, relative to its output
         extra["layer_error"] = sum(layer_errors) / len(layer_errors)
@@ -290,7 +297,7 @@ def summarize() -> None:
                 if vals:
                     row[metric] = mean_ci(vals)
             for metric in ("prune_wall_s", "num_packages", "peak_memory_bytes", "achieved_sparsity", "parameters_after", "macs_after",
-                           "parameters_before", "macs_before", "layer_error"):
+                           "parameters_before", "macs_before", "layer_error", "targeted_parameters"):
                 vals = [r[metric] for r in results if r.get(metric) is not None]
                 if vals:
                     row[metric] = mean_ci(vals)
