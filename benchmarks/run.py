@@ -169,8 +169,9 @@ def experiment_runs(name: str) -> list[dict]:
     elif name == "block_sensitivity":  # which blocks 2:4 hurts most (the paper's Table 2 skips the first 2 and last 13)
         for model in MODELS:  # both tiny models have 6 blocks (tiny-Flux: 2 double-stream, then 4 single-stream)
             for block in range(6):
+                # One package: a single-stream Flux block has only 2 units, fewer than the default 4 packages.
                 runs += [dict(model=model, method="obs-diff", pattern="2:4", sparsity=None, seed=s,
-                              blocks=f"{block}:{block + 1}") for s in range(3)]
+                              blocks=f"{block}:{block + 1}", packages=1) for s in range(3)]
     else:
         raise SystemExit(f"unknown experiment {name!r}")
     return runs
