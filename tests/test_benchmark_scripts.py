@@ -78,7 +78,11 @@ def test_every_sweep_run_is_a_valid_prune_config():
         import run as sweeps
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    from obsdiff_lite.prune import PruneConfig
+    from obsdiff_lite.arch import arch_for_transformer, blocks, parse_block_range
+    from obsdiff_lite.pipelines import load_pipeline
+    from obsdiff_lite.prune import PruneConfig, package_units
+
+    model_blocks = {}
 
     assert {"quality", "refit", "weight_range", "solver_settings", "robustness", "calibration_source"} <= set(sweeps.EXPERIMENTS)
     for name in sweeps.EXPERIMENTS:
@@ -89,6 +93,13 @@ def test_every_sweep_run_is_a_valid_prune_config():
             assert (ROOT / "data" / run["model"]).is_dir(), run
             settings = sweeps.prune_settings(run)
             PruneConfig(**settings).validate()
+            if "blocks" in run:  # the block range exists and holds enough units for the packages asked for
+                if run["model"] not in model_blocks:
+                    pipe = load_pipeline(ROOT / "data" / run["model"])
+                    model_blocks[run["model"]] = blocks(pipe.transformer, arch_for_transformer(pipe.transformer))
+                every = model_blocks[run["model"]]
+                selected = [every[i] for i in parse_block_range(run["blocks"], len(every))]
+                package_units(selected, settings.get("packages", 4))
             if "prompt_source" in run:  # drawn by the run's seed from the named list, so seeds differ in prompts
                 assert len(settings["prompts"]) == sweeps.CALIB_PROMPTS
                 assert settings["prompts"] == sweeps.prune_settings(run)["prompts"]
