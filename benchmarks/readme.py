@@ -493,6 +493,40 @@ def render_calibration_source() -> str:
     return "\n".join(lines)
 
 
+def render_block_sensitivity() -> str:
+    """2:4 OBS-Diff on one transformer block at a time, against all blocks at once (the quality table's run)."""
+    bs, quality = _rows("block_sensitivity"), _rows("quality")
+    if not bs:
+        return "_not measured yet: run `python benchmarks/run.py block_sensitivity`_"
+    dense = _load("block_sensitivity")["dense"]
+    lines = ["| model | row | " + " | ".join(f"block {b}" for b in range(6)) + " | all six |", "|---" * 9 + "|"]
+    for model in MODELS_ORDER:
+        rows = [_find_exact(bs, model=model, method="obs-diff", pattern="2:4", sparsity=None, blocks=f"{b}:{b + 1}",
+                            packages=1) for b in range(6)]
+        if not all(rows):
+            continue
+        every = _find_exact(quality, model=model, method="obs-diff", pattern="2:4", sparsity=None)
+        d = dense[model]["full"]
+        lost = [d - r["full"]["mean"] for r in rows]
+        weights = [r["targeted_parameters"]["mean"] for r in rows]
+        lines.append(f"| {model} | full adherence | " + " | ".join(_cell(r["full"]) for r in rows) +
+                     f" | {_cell(every['full']) if every else '–'} |")
+        all_lost = f"{d - every['full']['mean']:+.3f}" if every else "–"
+        lines.append(f"| {model} | adherence lost | " + " | ".join(f"{x:+.3f}" for x in lost) +
+                     f" | {all_lost} (sum of the six: {sum(lost):+.3f}) |")
+        lines.append(f"| {model} | share of the 2:4 weights | " + " | ".join(f"{w / sum(weights):.0%}" for w in weights) +
+                     " | 100% |")
+    flux = json.loads((ROOT / "data" / "tiny-flux" / "transformer" / "config.json").read_text())
+    lines.append("")
+    lines.append(f"OBS-Diff 2:4 on the one block named (`--blocks b:b+1 --packages 1`), mean ± 95% interval over "
+                 f"{max(len(r['seeds']) for r in bs)} calibration seeds; \"all six\" is the quality table's 2:4 run "
+                 "(4 packages). "
+                 f"Adherence lost: dense minus pruned. tiny-Flux's blocks 0–{flux['num_layers'] - 1} are double-stream "
+                 f"(joint) blocks, the other {flux['num_single_layers']} single-stream. "
+                 "`python benchmarks/run.py block_sensitivity`.")
+    return "\n".join(lines)
+
+
 def render_refit_masks() -> str:
     """Each method's mask with and without least-squares weights: how much of OBS's lead is the mask."""
     refit, quality = _rows("refit"), _rows("quality")
@@ -941,7 +975,7 @@ def render_provenance() -> str:
 
 RENDERERS = {"provenance": render_provenance, "claims": render_claims, "gpu": render_gpu, "structured_selection": render_structured_selection, "head_diagnosis": render_head_diagnosis, "hessian_inputs": render_hessian_inputs, "refit": render_refit, "refit_masks": render_refit_masks, "weight_range": render_weight_range,
              "solver_settings": render_solver_settings, "robustness": render_robustness,
-             "calibration_source": render_calibration_source, "cached_projection": render_cached_projection, "structured_parts": render_structured_parts,
+             "calibration_source": render_calibration_source, "block_sensitivity": render_block_sensitivity, "cached_projection": render_cached_projection, "structured_parts": render_structured_parts,
              "calibration_size": render_calibration_size, "speed": render_speed, "tiny_world": render_tiny_world, "demo": render_demo, "quality": render_quality,
              "weighting": render_weighting, "packages": render_packages, "structured": render_structured,
              "overhead": render_overhead}
