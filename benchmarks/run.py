@@ -46,7 +46,7 @@ EVAL_PROMPTS, EVAL_SEED = 120, 0
 CALIB_PROMPTS = 16
 EXPERIMENTS = ("quality", "weighting", "packages", "calibration_size", "structured", "structured_parts",
                "structured_selection", "hessian_inputs", "paper_calibration", "refit", "weight_range", "solver_settings", "robustness", "calibration_source",
-               "block_sensitivity")
+               "block_sensitivity", "sparsity_ramp")
 # Off-calibration sampling (robustness sweep): diffusers scheduler classes by sampler name.
 SAMPLERS = {"heun": "FlowMatchHeunDiscreteScheduler"}
 # Calibration prompts other than the tiny world's captions (calibration_source sweep), by name.
@@ -172,6 +172,12 @@ def experiment_runs(name: str) -> list[dict]:
                 # One package: a single-stream Flux block has only 2 units, fewer than the default 4 packages.
                 runs += [dict(model=model, method="obs-diff", pattern="2:4", sparsity=None, seed=s,
                               blocks=f"{block}:{block + 1}", packages=1) for s in range(3)]
+    elif name == "sparsity_ramp":  # beyond the paper: less sparsity in the sensitive early blocks, same total
+        for model in MODELS:
+            for sparsity in (0.5, 0.6):
+                for ramp in (-0.1, 0.1, 0.2):  # -0.1: the control, early blocks pruned more
+                    runs += [dict(model=model, method="obs-diff", pattern="unstructured", sparsity=sparsity, seed=s,
+                                  sparsity_ramp=ramp) for s in range(5)]
     else:
         raise SystemExit(f"unknown experiment {name!r}")
     return runs

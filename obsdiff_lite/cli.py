@@ -86,6 +86,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refit", action="store_true",
                    help="after the mask is chosen, re-fit the kept weights by least squares on the same Hessian "
                         "(beyond the paper; unstructured and N:M; with magnitude/wanda/dsnot: their mask, solved weights)")
+    p.add_argument("--sparsity-ramp", type=float, default=0.0,
+                   help="unstructured: sparsity rises linearly over depth from SPARSITY - RAMP in the first block to "
+                        "SPARSITY + RAMP in the last, same total (beyond the paper; early blocks are the sensitive ones)")
     p.add_argument("--refresh-every", type=int, default=0, help="cached mode: re-run the trajectory every K packages")
     p.add_argument("--cache-device", default=None, help="cached mode: keep block inputs here: cpu, or disk / disk:/DIR (memory-mapped files)")
     _add_model_args(p)
@@ -107,7 +110,7 @@ def _prune_config(args):
         prompts=prompts, steps=args.steps, guidance=args.guidance, seed=args.seed, blocks=args.blocks,
         damp=args.damp, block_size=args.block_size, batch_size=args.batch_size, hessian_device=args.hessian_device,
         calibration=args.calibration, refresh_every=args.refresh_every, cache_device=args.cache_device,
-        hessian_inputs=args.hessian_inputs, refit=args.refit,
+        hessian_inputs=args.hessian_inputs, refit=args.refit, sparsity_ramp=args.sparsity_ramp,
     )
 
 

@@ -74,6 +74,7 @@ class PruneConfig:
     cache_device: str | None = None  # cached mode: where block inputs are kept (default: the model's device)
     hessian_inputs: str = "plain"  # plain (paper) | guided | guided-image: CFG-combined inputs (calibrate.py)
     refit: bool = False  # beyond the paper: least-squares re-fit of the kept weights after OBS (obs.refit_kept_weights)
+    sparsity_ramp: float = 0.0  # beyond the paper: unstructured sparsity from s - ramp (first block) to s + ramp (last)
 
     def validate(self) -> None:
         """Refuse impossible settings with one readable line each."""
@@ -89,6 +90,9 @@ class PruneConfig:
             raise ValueError("--head-selection / --ffn-multiple apply only to --pattern structured")
         else:
             self._validate_sparsity()
+        if self.sparsity_ramp and self.pattern == "structured":
+            raise ValueError("--sparsity-ramp applies to unstructured pruning; structured pruning removes the same share "
+                             "of heads and neurons in every block")
         if self.refit and self.pattern == "structured":
             raise ValueError("--refit applies to unstructured and N:M pruning; structured OBS already solves its kept "
                              "weights exactly")
@@ -119,6 +123,8 @@ class PruneConfig:
     def _validate_sparsity(self) -> None:
         """Unstructured / N:M: the pattern parses and the sparsity fits it."""
         kind, n, m = parse_pattern(self.pattern)
+        if self.sparsity_ramp and kind != "unstructured":
+            raise ValueError("--sparsity-ramp varies the unstructured sparsity over depth; N:M fixes it in every layer")
         if kind == "nm":
             if self.sparsity not in (None, n / m):
                 raise ValueError(f"pattern {self.pattern} implies sparsity {n / m:g}; drop --sparsity or set it to {n / m:g}")
@@ -151,6 +157,8 @@ class PruneConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not math.isfinite(self.sparsity_ramp):
+            raise ValueError(f"sparsity_ramp must be a finite number (e.g. 0.1), got {self.sparsity_ramp}")
         if not (self.damp >= 0 and math.isfinite(self.damp)):  # also refuses NaN, which compares false
             raise ValueError(f"damp must be a finite number >= 0 (e.g. 0.01 = 1% of the mean Hessian diagonal), "
                              f"got {self.damp}")
@@ -176,6 +184,23 @@ class Target:
 
     def linears(self) -> list[tuple[str, nn.Linear]]:
         return [(f"{self.block.name}.{n}", get_linear(self.block.module, n)) for n in self.names]
+
+
+def ramped_sparsities(sparsity: float, ramp: float, weights: list[int]) -> list[float]:
+    """Per-block sparsities rising linearly by 2 * ramp from the first block to the last, shifted so that the
+    weight-count-weighted mean is exactly ``sparsity`` (blocks may hold different numbers of targeted weights).
+
+    Beyond the paper, which prunes every layer alike: early blocks are the most sensitive (README, "Which blocks 2:4
+    hurts most"), so a positive ramp prunes them less and the late blocks more; a negative one does the reverse.
+    """
+    k = len(weights)
+    raw = [sparsity + ramp * (2 * i / (k - 1) - 1) if k > 1 else sparsity for i in range(k)]
+    shift = sparsity - sum(w * r for w, r in zip(weights, raw)) / sum(weights)
+    out = [r + shift for r in raw]
+    if not all(0.0 <= x < 1.0 for x in out):
+        raise ValueError(f"--sparsity-ramp {ramp:g} around sparsity {sparsity:g} asks for block sparsities from "
+                         f"{min(out):.3f} to {max(out):.3f}; every block needs one in [0, 1): use a smaller ramp")
+    return out
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -233,12 +258,13 @@ def _peak_memory_bytes(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
-def _prune_group(linears: list[tuple[str, nn.Linear]], config: PruneConfig, n: int, m: int, acc) -> dict[str, dict]:
-    """Prune the linears of one input group in place by the configured method; return their per-layer records.
+def _prune_group(linears: list[tuple[str, nn.Linear]], config: PruneConfig, sparsity: float, n: int, m: int,
+                 acc) -> dict[str, dict]:
+    """Prune the linears of one input group in place to ``sparsity`` (0 for N:M, which implies its own) by the
+    configured method; return their per-layer records.
 
     OBS methods solve the group in one call (one shared Hessian: one Cholesky factor, one column loop).
     """
-    sparsity = 0.0 if n else float(config.sparsity)  # N:M implies its own sparsity
     weights = [linear.weight.data for _, linear in linears]
     refit_iters = REFIT_ITERS if config.refit else 0
     if config.method == "magnitude":
@@ -300,10 +326,14 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
     kind, n, m = parse_pattern(config.pattern)
     packages = package_units(selected, config.packages)
     targets = [t for pkg in packages for unit in pkg for t in unit]
+    block_sparsity = {b.name: 0.0 if n else float(config.sparsity) for b in selected}  # N:M: implied by the pattern
+    if config.sparsity_ramp:
+        counts = [sum(int(lin.weight.numel()) for t in targets if t.block.name == b.name for _, lin in t.linears()) for b in selected]
+        block_sparsity = dict(zip(block_sparsity, ramped_sparsities(float(config.sparsity), config.sparsity_ramp, counts)))
     # Validate every target layer before any work: a 2:4 on a width not divisible by 4 fails now, by name.
     for t in targets:
         for name, linear in t.linears():
-            check_sparsity_args(linear.in_features, n / m if n else float(config.sparsity), n, m, name=name)
+            check_sparsity_args(linear.in_features, n / m if n else block_sparsity[t.block.name], n, m, name=name)
 
     call = pipeline_call(pipe, config.steps, config.guidance)
     prompts = config.prompts if config.prompts is not None else default_prompts(pipe, config.num_prompts, config.seed)
@@ -321,7 +351,8 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
         t0 = time.perf_counter()
         for t in package_targets[p]:
             group = t.linears()
-            for name, record in _prune_group(group, config, n, m, accumulators.get(t.key)).items():
+            sparsity = block_sparsity[t.block.name]
+            for name, record in _prune_group(group, config, sparsity, n, m, accumulators.get(t.key)).items():
                 layers[name] = record | {"package": p}
             for _, linear in group:
                 broadcast_module_(linear)  # no-op in one process; ranks stay identical under torchrun
@@ -364,6 +395,7 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
         "target_sparsity": n / m if n else float(config.sparsity),
         "achieved_sparsity": zeros / max(pruned, 1),
         "targeted_parameters": pruned,
+        "block_sparsity": block_sparsity if config.sparsity_ramp else None,
         "transformer_parameters": sum(int(p.numel()) for p in transformer.parameters()),
         "layers": layers,
         "timings": timings,

@@ -79,6 +79,7 @@ def _bad_cases(model, tmp_path):
         "N:M with other sparsity": (["prune", model, "--output", out, "--pattern", "2:4", "--sparsity", "0.3"], "implies"),
         "refit of structured": (["prune", model, "--output", out, "--pattern", "structured", "--refit"], "--refit"),
         "block size zero": (["prune", model, "--output", out, "--block-size", "0"], "block_size"),
+        "ramp too steep": (["prune", model, "--output", out, "--sparsity-ramp", "0.6"], "smaller ramp"),
     }
     if not torch.cuda.is_available():  # on a GPU machine this request is legitimate
         cases["cuda without cuda"] = (["prune", model, "--output", out, "--device", "cuda"], "CUDA")

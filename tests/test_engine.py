@@ -111,6 +111,36 @@ def test_every_target_at_requested_sparsity_and_others_untouched(random_dir, met
     assert abs(report["achieved_sparsity"] - 0.6) < 0.005
 
 
+def test_ramped_sparsities_keep_the_weighted_mean_and_the_slope():
+    from obsdiff_lite.prune import ramped_sparsities
+
+    weights = [4, 4, 4, 1]  # e.g. SD3's smaller last block
+    out = ramped_sparsities(0.5, 0.1, weights)
+    assert sum(w * s for w, s in zip(weights, out)) / sum(weights) == pytest.approx(0.5, abs=1e-12)
+    assert out == sorted(out) and out[-1] - out[0] == pytest.approx(0.2)
+    assert all(b - a == pytest.approx(0.2 / 3) for a, b in zip(out, out[1:]))
+    assert ramped_sparsities(0.5, -0.1, weights) == sorted(ramped_sparsities(0.5, -0.1, weights), reverse=True)
+    assert ramped_sparsities(0.5, 0.0, weights) == [0.5] * 4 and ramped_sparsities(0.5, 0.2, [7]) == [0.5]
+
+
+def test_sparsity_ramp_prunes_early_blocks_less_at_the_same_total(random_dir):
+    pipe = load_pipeline(random_dir)
+    report = prune(pipe, PruneConfig(sparsity=0.5, sparsity_ramp=0.15, packages=2, **FAST), progress=False)
+    assert abs(report["achieved_sparsity"] - 0.5) < 0.005  # the same number of zeros as without the ramp
+    per_block = report["block_sparsity"]
+    assert list(per_block.values()) == sorted(per_block.values()) and max(per_block.values()) - min(per_block.values()) > 0.25
+    for b in blocks(pipe.transformer):  # every layer of a block at that block's sparsity
+        for name, linear in _targets(pipe).items():
+            if name.startswith(b.name + "."):
+                assert abs(float((linear.weight == 0).float().mean()) - per_block[b.name]) <= 0.005, name
+    flat = load_pipeline(random_dir)  # ramp 0 is the paper's uniform sparsity, bit for bit
+    prune(flat, PruneConfig(sparsity=0.5, sparsity_ramp=0.0, packages=2, **FAST), progress=False)
+    uniform = load_pipeline(random_dir)
+    assert prune(uniform, PruneConfig(sparsity=0.5, packages=2, **FAST), progress=False)["block_sparsity"] is None
+    assert all(torch.equal(a, b) for a, b in zip(flat.transformer.state_dict().values(),
+                                                 uniform.transformer.state_dict().values()))
+
+
 @pytest.mark.parametrize("pattern", ["2:4", "4:8"])
 @pytest.mark.parametrize("method", ["obs-diff", "dsnot"])
 def test_nm_patterns_are_valid(random_dir, pattern, method):
@@ -193,6 +223,10 @@ def test_one_package_per_block_follows_block_boundaries(random_flux_dir):
         (dict(refit=True, pattern="structured", sparsity=0.25), "structured OBS already"),
         (dict(damp=float("nan")), "damp must be a finite"),
         (dict(block_size=0), "block_size must be a positive integer"),
+        (dict(pattern="2:4", sparsity=None, sparsity_ramp=0.1), "N:M fixes it"),
+        (dict(pattern="structured", sparsity=0.25, sparsity_ramp=0.1), "same share"),
+        (dict(sparsity=0.5, sparsity_ramp=0.6), "smaller ramp"),
+        (dict(sparsity_ramp=float("nan")), "sparsity_ramp must be a finite"),
         (dict(weight_range=(0.8, float("inf"))), "finite 0 <= MIN <= MAX"),
     ],
 )
