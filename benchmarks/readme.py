@@ -527,6 +527,39 @@ def render_block_sensitivity() -> str:
     return "\n".join(lines)
 
 
+RAMPS = (-0.1, 0.1, 0.2)  # the sparsity_ramp sweep
+
+
+def render_sparsity_ramp() -> str:
+    """Depth-graded unstructured sparsity (beyond the paper) against the paper's uniform sparsity, same total."""
+    sr, quality = _rows("sparsity_ramp"), _rows("quality")
+    if not sr:
+        return "_not measured yet: run `python benchmarks/run.py sparsity_ramp`_"
+    lines = ["| model | sparsity | " + " | ".join(f"ramp {r:+g}" for r in RAMPS[:1]) + " | uniform (paper) | " +
+             " | ".join(f"ramp {r:+g}" for r in RAMPS[1:]) + " | " + " | ".join(f"ramp {r:+g} − uniform" for r in RAMPS) +
+             f" | share of dense: uniform / ramp {RAMPS[1]:+g} |", "|---" * (4 + 2 * len(RAMPS)) + "|"]
+    dense = _load("quality").get("dense", {})
+    for model in MODELS_ORDER:
+        for sparsity in (0.5, 0.6):
+            base = dict(model=model, method="obs-diff", pattern="unstructured", sparsity=sparsity)
+            uniform = _find_exact(quality, **base)
+            ramped = [_find_exact(sr, **base, sparsity_ramp=r) for r in RAMPS]
+            if not (uniform and all(ramped)):
+                continue
+            cells = [_cell(ramped[0]["full"]), _cell(uniform["full"])] + [_cell(r["full"]) for r in ramped[1:]]
+            d = dense.get(model, {}).get("full")
+            shares = f"{uniform['full']['mean'] / d:.1%} / {ramped[1]['full']['mean'] / d:.1%}" if d else "–"
+            lines.append(f"| {model} | {sparsity:.0%} | " + " | ".join(cells) + " | " +
+                         " | ".join(_fmt(compare(r, uniform)) for r in ramped) + f" | {shares} |")
+    lines.append("")
+    lines.append(f"OBS-Diff, full adherence, mean ± 95% interval over {max(len(r['seeds']) for r in sr)} calibration "
+                 "seeds, differences paired over the same seeds and evaluation prompts; 16 calibration prompts, 4 "
+                 "packages. Ramp r: block sparsity rising linearly from s − r in the first block to s + r in the last, "
+                 "shifted so that the total number of zeros is that of uniform sparsity s (negative: early blocks "
+                 "pruned more). The uniform column is the quality table's. `python benchmarks/run.py sparsity_ramp`.")
+    return "\n".join(lines)
+
+
 def render_refit_masks() -> str:
     """Each method's mask with and without least-squares weights: how much of OBS's lead is the mask."""
     refit, quality = _rows("refit"), _rows("quality")
@@ -975,7 +1008,8 @@ def render_provenance() -> str:
 
 RENDERERS = {"provenance": render_provenance, "claims": render_claims, "gpu": render_gpu, "structured_selection": render_structured_selection, "head_diagnosis": render_head_diagnosis, "hessian_inputs": render_hessian_inputs, "refit": render_refit, "refit_masks": render_refit_masks, "weight_range": render_weight_range,
              "solver_settings": render_solver_settings, "robustness": render_robustness,
-             "calibration_source": render_calibration_source, "block_sensitivity": render_block_sensitivity, "cached_projection": render_cached_projection, "structured_parts": render_structured_parts,
+             "calibration_source": render_calibration_source, "block_sensitivity": render_block_sensitivity,
+             "sparsity_ramp": render_sparsity_ramp, "cached_projection": render_cached_projection, "structured_parts": render_structured_parts,
              "calibration_size": render_calibration_size, "speed": render_speed, "tiny_world": render_tiny_world, "demo": render_demo, "quality": render_quality,
              "weighting": render_weighting, "packages": render_packages, "structured": render_structured,
              "overhead": render_overhead}
