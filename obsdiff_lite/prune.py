@@ -90,9 +90,9 @@ class PruneConfig:
             raise ValueError("--head-selection / --ffn-multiple apply only to --pattern structured")
         else:
             self._validate_sparsity()
-        if self.sparsity_ramp and self.pattern == "structured":
-            raise ValueError("--sparsity-ramp applies to unstructured pruning; structured pruning removes the same share "
-                             "of heads and neurons in every block")
+        if self.sparsity_ramp and self.pattern != "unstructured":
+            raise ValueError("--sparsity-ramp varies the unstructured sparsity over depth; N:M and structured pruning "
+                             "remove the same share in every block")
         if self.refit and self.pattern == "structured":
             raise ValueError("--refit applies to unstructured and N:M pruning; structured OBS already solves its kept "
                              "weights exactly")
@@ -123,8 +123,6 @@ class PruneConfig:
     def _validate_sparsity(self) -> None:
         """Unstructured / N:M: the pattern parses and the sparsity fits it."""
         kind, n, m = parse_pattern(self.pattern)
-        if self.sparsity_ramp and kind != "unstructured":
-            raise ValueError("--sparsity-ramp varies the unstructured sparsity over depth; N:M fixes it in every layer")
         if kind == "nm":
             if self.sparsity not in (None, n / m):
                 raise ValueError(f"pattern {self.pattern} implies sparsity {n / m:g}; drop --sparsity or set it to {n / m:g}")
@@ -328,7 +326,8 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
     targets = [t for pkg in packages for unit in pkg for t in unit]
     block_sparsity = {b.name: 0.0 if n else float(config.sparsity) for b in selected}  # N:M: implied by the pattern
     if config.sparsity_ramp:
-        counts = [sum(int(lin.weight.numel()) for t in targets if t.block.name == b.name for _, lin in t.linears()) for b in selected]
+        counts = [sum(int(lin.weight.numel()) for t in targets if t.block.name == b.name for _, lin in t.linears())
+                  for b in selected]
         block_sparsity = dict(zip(block_sparsity, ramped_sparsities(float(config.sparsity), config.sparsity_ramp, counts)))
     # Validate every target layer before any work: a 2:4 on a width not divisible by 4 fails now, by name.
     for t in targets:
