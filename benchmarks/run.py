@@ -178,6 +178,9 @@ def experiment_runs(name: str) -> list[dict]:
                 for ramp in (-0.1, 0.1, 0.2):  # -0.1: the control, early blocks pruned more
                     runs += [dict(model=model, method="obs-diff", pattern="unstructured", sparsity=sparsity, seed=s,
                                   sparsity_ramp=ramp) for s in range(5)]
+                # with the least-squares re-fit (paired with the refit sweep's runs at uniform sparsity)
+                runs += [dict(model=model, method="obs-diff", pattern="unstructured", sparsity=sparsity, seed=s,
+                              sparsity_ramp=0.1, refit=True) for s in range(5)]
     else:
         raise SystemExit(f"unknown experiment {name!r}")
     return runs
