@@ -551,12 +551,27 @@ def render_sparsity_ramp() -> str:
             shares = f"{uniform['full']['mean'] / d:.1%} / {ramped[1]['full']['mean'] / d:.1%}" if d else "–"
             lines.append(f"| {model} | {sparsity:.0%} | " + " | ".join(cells) + " | " +
                          " | ".join(_fmt(compare(r, uniform)) for r in ramped) + f" | {shares} |")
+    combined = ["", "| model | sparsity | `--refit` | `--refit --sparsity-ramp 0.1` | difference | share of dense |",
+                "|---" * 6 + "|"]
+    refit = _rows("refit")
+    for model in MODELS_ORDER:
+        for sparsity in (0.5, 0.6):
+            base = dict(model=model, method="obs-diff", pattern="unstructured", sparsity=sparsity, refit=True)
+            alone, both = _find_exact(refit, **base), _find_exact(sr, **base, sparsity_ramp=RAMPS[1])
+            d = dense.get(model, {}).get("full")
+            if alone and both and d:
+                combined.append(f"| {model} | {sparsity:.0%} | {_cell(alone['full'])} | {_cell(both['full'])} | "
+                                f"{_fmt(compare(both, alone))} | {alone['full']['mean'] / d:.1%} / "
+                                f"{both['full']['mean'] / d:.1%} |")
+    if len(combined) > 3:
+        lines += combined
     lines.append("")
     lines.append(f"OBS-Diff, full adherence, mean ± 95% interval over {max(len(r['seeds']) for r in sr)} calibration "
                  "seeds, differences paired over the same seeds and evaluation prompts; 16 calibration prompts, 4 "
                  "packages. Ramp r: block sparsity rising linearly from s − r in the first block to s + r in the last, "
                  "shifted so that the total number of zeros is that of uniform sparsity s (negative: early blocks "
-                 "pruned more). The uniform column is the quality table's. `python benchmarks/run.py sparsity_ramp`.")
+                 "pruned more). The uniform column is the quality table's, the `--refit` column the re-fit table's. "
+                 "`python benchmarks/run.py sparsity_ramp`.")
     return "\n".join(lines)
 
 

@@ -268,10 +268,10 @@ def test_guided_hessians_end_to_end(random_dir, caplog, monkeypatch):
     rows: dict[str, dict[str, int]] = {"plain": {}, "guided": {}}
     original = prune_module._prune_group
 
-    def recording(linears, config, n, m, acc):
+    def recording(linears, config, sparsity, n, m, acc):
         for name, _ in linears:
             rows[config.hessian_inputs][name] = acc.num_rows
-        return original(linears, config, n, m, acc)
+        return original(linears, config, sparsity, n, m, acc)
 
     monkeypatch.setattr(prune_module, "_prune_group", recording)
     weights = {}
