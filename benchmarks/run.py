@@ -171,7 +171,7 @@ def experiment_runs(name: str) -> list[dict]:
             for block in range(6):
                 # One package: a single-stream Flux block has only 2 units, fewer than the default 4 packages.
                 runs += [dict(model=model, method="obs-diff", pattern="2:4", sparsity=None, seed=s,
-                              blocks=f"{block}:{block + 1}", packages=1) for s in range(3)]
+                              blocks=f"{block}:{block + 1}", packages=1) for s in range(5)]
     elif name == "sparsity_ramp":  # beyond the paper: less sparsity in the sensitive early blocks, same total
         for model in MODELS:
             for sparsity in (0.5, 0.6):
