@@ -83,6 +83,11 @@ def _find(rows: list[dict], **setting) -> dict | None:
     return None
 
 
+def _shares(dense: float | None, *rows: dict) -> str:
+    """Each row's full adherence as a share of dense, "91.4% / 96.0%" ("–" when the dense score is missing)."""
+    return " / ".join(f"{r['full']['mean'] / dense:.1%}" for r in rows) if dense else "–"
+
+
 def _pattern_label(pattern: str, sparsity: float | None) -> str:
     """A table label for a pattern: its sparsity ("50%") for unstructured, the pattern itself ("2:4") for N:M."""
     return f"{sparsity:.0%}" if sparsity else pattern
@@ -257,7 +262,7 @@ def render_hessian_inputs() -> str:
         if not plain or not all(rows):
             return
         d = dense.get(model, {}).get("full")
-        shares = " / ".join(f"{r['full']['mean'] / d:.1%}" for r in (plain, *rows)) if d else "–"
+        shares = _shares(d, plain, *rows)
         label = _pattern_label(pattern, sparsity)
         lines.append(f"| {model} | {prompts} | {label} | {_cell(plain['full'])} | "
                      + " | ".join(_cell(r["full"]) for r in rows) + " | "
@@ -316,7 +321,7 @@ def render_refit() -> str:
         if not base or not new:
             continue
         d = dense.get(model, {}).get("full")
-        shares = f"{base['full']['mean'] / d:.1%} / {new['full']['mean'] / d:.1%}" if d else "–"
+        shares = _shares(d, base, new)
         label = _pattern_label(pattern, sparsity)
         lines.append(f"| {model} | {prompts} | {inputs} | {label} | {_cell(base['full'])} | {_cell(new['full'])} | "
                      f"{_fmt(compare(new, base))} | {base['psnr']['mean']:.1f} / {new['psnr']['mean']:.1f} | {shares} |")
@@ -446,7 +451,7 @@ def render_robustness() -> str:
     for model, evaluation, wanda, obs, dense in cases:
         if not (wanda and obs):
             continue
-        shares = f"{wanda['full']['mean'] / dense:.1%} / {obs['full']['mean'] / dense:.1%}" if dense else "–"
+        shares = _shares(dense, wanda, obs)
         lines.append(f"| {model} | {_sampling_label(model, evaluation)} | {dense:.3f} | {_cell(wanda['full'])} | "
                      f"{_cell(obs['full'])} | {_fmt(compare(obs, wanda))} | {shares} |")
     lines.append("")
@@ -548,7 +553,7 @@ def render_sparsity_ramp() -> str:
                 continue
             cells = [_cell(ramped[0]["full"]), _cell(uniform["full"])] + [_cell(r["full"]) for r in ramped[1:]]
             d = dense.get(model, {}).get("full")
-            shares = f"{uniform['full']['mean'] / d:.1%} / {ramped[1]['full']['mean'] / d:.1%}" if d else "–"
+            shares = _shares(d, uniform, ramped[1])
             lines.append(f"| {model} | {sparsity:.0%} | " + " | ".join(cells) + " | " +
                          " | ".join(_fmt(compare(r, uniform)) for r in ramped) + f" | {shares} |")
     combined = ["", "| model | sparsity | `--refit` | `--refit --sparsity-ramp 0.1` | difference | share of dense |",
@@ -561,8 +566,7 @@ def render_sparsity_ramp() -> str:
             d = dense.get(model, {}).get("full")
             if alone and both and d:
                 combined.append(f"| {model} | {sparsity:.0%} | {_cell(alone['full'])} | {_cell(both['full'])} | "
-                                f"{_fmt(compare(both, alone))} | {alone['full']['mean'] / d:.1%} / "
-                                f"{both['full']['mean'] / d:.1%} |")
+                                f"{_fmt(compare(both, alone))} | {_shares(d, alone, both)} |")
     if len(combined) > 3:
         lines += combined
     lines.append("")
