@@ -45,8 +45,8 @@ MODELS = ("tiny-sd3", "tiny-flux")
 EVAL_PROMPTS, EVAL_SEED = 120, 0
 CALIB_PROMPTS = 16
 EXPERIMENTS = ("quality", "weighting", "packages", "calibration_size", "structured", "structured_parts",
-               "structured_selection", "hessian_inputs", "paper_calibration", "refit", "weight_range", "solver_settings", "robustness", "calibration_source",
-               "block_sensitivity", "sparsity_ramp")
+               "structured_selection", "hessian_inputs", "paper_calibration", "refit", "weight_range", "solver_settings",
+               "robustness", "calibration_source", "block_sensitivity", "sparsity_ramp")
 # Off-calibration sampling (robustness sweep): diffusers scheduler classes by sampler name.
 SAMPLERS = {"heun": "FlowMatchHeunDiscreteScheduler"}
 # Calibration prompts other than the tiny world's captions (calibration_source sweep), by name.
