@@ -1,11 +1,13 @@
-"""Helpers for course notebooks 04 (unstructured and N:M) and 06 (module packages): sweeps, pictures, packages.
+"""Helpers for course notebooks 04 (unstructured and N:M), 06 (module packages) and 08 (where to prune): sweeps,
+pictures, packages.
 
-Everything the two notebooks compute that matters lives here (tested in tests/test_viz.py); the notebooks call
+Everything the notebooks compute that matters lives here (tested in tests/test_viz.py); the notebooks call
 these functions and draw the results.
 
-* sweeps: ``sparsity_sweep`` (methods x sparsities / N:M patterns) and ``package_sweep`` (packages x calibration
-  mode) prune ONE loaded pipeline again and again, restoring the dense weights in between, and score every run
-  on the same ShapeBench prompts and seeds (``Run`` holds settings, scores, images and the pruning report);
+* sweeps: ``config_sweep`` (any list of labelled ``PruneConfig``s), ``sparsity_sweep`` (methods x sparsities / N:M
+  patterns) and ``package_sweep`` (packages x calibration mode) prune ONE loaded pipeline again and again, restoring
+  the dense weights in between, and score every run on the same ShapeBench prompts and seeds (``Run`` holds settings,
+  scores, images and the pruning report);
 * checks: ``layer_sparsity_range``, ``nm_valid``, ``same_pruning``;
 * pictures: ``image_rows`` / ``show_image_rows`` (labelled rows of images, adherence marked per image),
   ``show_setting`` and its thin widget wrapper ``setting_slider``, ``plot_package_map``;
@@ -224,64 +226,67 @@ def _load(model: str | None, device: str, pipe: Any) -> Any:
     return load_pipeline(model, device=device)
 
 
-def sparsity_sweep(model: str | None, methods: Sequence[str], sparsities: Sequence[float],
-                   patterns: Sequence[str] = (), *, num_calibration_prompts: int = 8, num_eval_prompts: int = 32,
-                   seed: int = 0, packages: int | str = 1, weighting: str = "log-decrease", device: str = "cpu",
-                   pipe=None, keep_weights: bool = False, progress: bool = False) -> list[Run]:
-    """Dense, then every method at every unstructured sparsity and every N:M pattern, on the same eval prompts.
+def config_sweep(model: str | None, configs: Sequence[tuple[str, Any]], *, num_eval_prompts: int = 32, seed: int = 0,
+                 device: str = "cpu", pipe=None, keep_weights: bool = False, progress: bool = False) -> list[Run]:
+    """Dense, then one run per ``(label, PruneConfig)`` in order, all scored on the same ShapeBench prompts and seeds.
 
-    A method may carry the suffix "+refit" ("obs-diff+refit"): the same method with the least-squares re-fit of
-    the kept weights (``PruneConfig.refit``, beyond the paper); its runs keep that label. One pipeline is loaded (or ``pipe`` is used) and pruned in place run after run, the dense weights restored
-    in between; it is left dense at the end. Calibration prompts come from ``prune.default_prompts`` (seeds
-    disjoint from ShapeBench's); ``seed`` picks both prompt sets and the generator seeds.
+    The label becomes the run's ``method`` (e.g. "obs-diff+refit", "block 0"). One pipeline is loaded (or ``pipe`` is
+    used) and pruned in place run after run, the dense weights restored in between; it is left dense at the end.
+    Calibration prompts come from ``prune.default_prompts`` (seeds disjoint from ShapeBench's); ``seed`` picks the
+    evaluation prompts and the generator seeds.
     """
-    from .prune import PruneConfig
-
     pipe = _load(model, device, pipe)
     dense_state = snapshot(pipe.transformer)
     dense, specs = _dense_run(pipe, num_eval_prompts, seed, progress)
     runs = [dense]
-    g = resolve_packages(pipe.transformer, packages)
-    settings = [("unstructured", float(s)) for s in sparsities] + [(p, None) for p in patterns]
     try:
-        for pattern, sparsity in settings:
-            for method in methods:
-                base = method.removesuffix(REFIT_SUFFIX)
-                config = PruneConfig(method=base, pattern=pattern, sparsity=sparsity, packages=g,
-                                     num_prompts=num_calibration_prompts, seed=seed, weighting=weighting,
-                                     refit=base != method)
-                runs.append(_pruned_run(pipe, dense_state, config, specs, dense.images, seed, keep_weights, progress,
-                                        label=method))
+        for label, config in configs:
+            runs.append(_pruned_run(pipe, dense_state, config, specs, dense.images, seed, keep_weights, progress,
+                                    label=label))
     finally:
         restore(pipe.transformer, dense_state)
     return runs
+
+
+def sparsity_sweep(model: str | None, methods: Sequence[str], sparsities: Sequence[float],
+                   patterns: Sequence[str] = (), *, num_calibration_prompts: int = 8, num_eval_prompts: int = 32,
+                   seed: int = 0, packages: int | str = 1, weighting: str = "log-decrease", device: str = "cpu",
+                   pipe=None, keep_weights: bool = False, progress: bool = False) -> list[Run]:
+    """Dense, then every method at every unstructured sparsity and every N:M pattern (``config_sweep``).
+
+    A method may carry the suffix "+refit" ("obs-diff+refit"): the same method with the least-squares re-fit of
+    the kept weights (``PruneConfig.refit``, beyond the paper); its runs keep that label.
+    """
+    from .prune import PruneConfig
+
+    pipe = _load(model, device, pipe)
+    g = resolve_packages(pipe.transformer, packages)
+    settings = [("unstructured", float(s)) for s in sparsities] + [(p, None) for p in patterns]
+    configs = [(method, PruneConfig(method=method.removesuffix(REFIT_SUFFIX), pattern=pattern, sparsity=sparsity,
+                                    packages=g, num_prompts=num_calibration_prompts, seed=seed, weighting=weighting,
+                                    refit=method.endswith(REFIT_SUFFIX)))
+               for pattern, sparsity in settings for method in methods]
+    return config_sweep(None, configs, num_eval_prompts=num_eval_prompts, seed=seed, pipe=pipe,
+                        keep_weights=keep_weights, progress=progress)
 
 
 def package_sweep(model: str | None, packages: Sequence[int | str], calibrations: Sequence[str] = ("exact", "cached"),
                   *, method: str = "obs-diff", sparsity: float = 0.5, pattern: str = "unstructured",
                   num_calibration_prompts: int = 8, num_eval_prompts: int = 32, seed: int = 0, device: str = "cpu",
                   pipe=None, keep_weights: bool = False, progress: bool = False) -> list[Run]:
-    """Dense, then ``method`` with every number of packages (ints or 'all') in every calibration mode.
+    """Dense, then ``method`` with every number of packages (ints or 'all') in every calibration mode (``config_sweep``).
 
-    Like ``sparsity_sweep``: one pipeline, dense weights restored between runs, same eval prompts and seeds.
     ``Run.wall_s`` and ``Run.report['timings']`` hold the (machine-dependent) pruning times.
     """
     from .prune import PruneConfig
 
     pipe = _load(model, device, pipe)
-    dense_state = snapshot(pipe.transformer)
-    dense, specs = _dense_run(pipe, num_eval_prompts, seed, progress)
-    runs = [dense]
-    try:
-        for calibration in calibrations:
-            for g in packages:
-                config = PruneConfig(method=method, pattern=pattern, sparsity=None if ":" in pattern else sparsity,
-                                     packages=resolve_packages(pipe.transformer, g), calibration=calibration,
-                                     num_prompts=num_calibration_prompts, seed=seed)
-                runs.append(_pruned_run(pipe, dense_state, config, specs, dense.images, seed, keep_weights, progress))
-    finally:
-        restore(pipe.transformer, dense_state)
-    return runs
+    configs = [(method, PruneConfig(method=method, pattern=pattern, sparsity=None if ":" in pattern else sparsity,
+                                    packages=resolve_packages(pipe.transformer, g), calibration=calibration,
+                                    num_prompts=num_calibration_prompts, seed=seed))
+               for calibration in calibrations for g in packages]
+    return config_sweep(None, configs, num_eval_prompts=num_eval_prompts, seed=seed, pipe=pipe,
+                        keep_weights=keep_weights, progress=progress)
 
 
 # --------------------------------------------------------------------------------------------------

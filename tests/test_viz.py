@@ -1,4 +1,4 @@
-"""Notebook helpers of 04/06 (obsdiff_lite.viz) on random-init tiny pipelines and the meta-device SD3-medium."""
+"""Notebook helpers of 04/06/08 (obsdiff_lite.viz) on random-init tiny pipelines and the meta-device SD3-medium."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from obsdiff_lite.pipelines import call_kwargs, load_pipeline
 from obsdiff_lite.prune import PruneConfig, default_prompts, prune
 from obsdiff_lite.viz import (
     format_bytes,
+    config_sweep,
     image_rows,
     layer_sparsity_range,
     nm_valid,
@@ -142,6 +143,26 @@ def test_package_sweep_cached_one_package_equals_exact(random_sd3_dir):
     ax = plot_package_map(pipe.transformer, [1, 4, "all"])
     assert len(ax.get_yticklabels()) == 3
     assert np.isfinite([r.scores["full"] for r in runs]).all()
+
+
+def test_config_sweep_labels_runs_and_prunes_only_what_each_config_asks(random_sd3_dir):
+    pipe = load_pipeline(random_sd3_dir)
+    dense = snapshot(pipe.transformer)
+    configs = [("block 1", PruneConfig(pattern="2:4", sparsity=None, blocks="1:2", packages=1, num_prompts=2)),
+               ("ramp", PruneConfig(sparsity=0.5, sparsity_ramp=0.1, packages=1, num_prompts=2))]
+    runs = config_sweep(None, configs, num_eval_prompts=2, pipe=pipe, keep_weights=True)
+    assert [r.name for r in runs] == ["dense", "block 1 2:4", "ramp 50%"]
+    assert all(torch.equal(v, dense[k]) for k, v in pipe.transformer.state_dict().items())  # left dense
+    block = runs[1]
+    assert block.report["blocks"] == [1] and set(block.report["layers"]) == {
+        k for k in target_linears(pipe.transformer) if k.startswith("transformer_blocks.1.")}
+    for name, weight in block.weights.items():  # the other blocks kept their dense weights
+        if not name.startswith("transformer_blocks.1."):
+            assert torch.equal(weight, dense[name + ".weight"]), name
+    ramp = runs[2].report
+    assert abs(ramp["achieved_sparsity"] - 0.5) < 0.005
+    per_block = list(ramp["block_sparsity"].values())
+    assert per_block == sorted(per_block) and per_block[-1] - per_block[0] > 0.19  # s - 0.1 ... s + 0.1
 
 
 def test_every_unstructured_method_has_a_colour():
