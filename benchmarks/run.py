@@ -172,6 +172,10 @@ def experiment_runs(name: str) -> list[dict]:
                 # One package: a single-stream Flux block has only 2 units, fewer than the default 4 packages.
                 runs += [dict(model=model, method="obs-diff", pattern="2:4", sparsity=None, seed=s,
                               blocks=f"{block}:{block + 1}", packages=1) for s in range(5)]
+        for model in MODELS:  # the paper's habit: spare the first blocks (4 packages, like the quality sweep's all-six run)
+            for first in (1, 2):
+                runs += [dict(model=model, method="obs-diff", pattern="2:4", sparsity=None, seed=s, blocks=f"{first}:6")
+                         for s in range(5)]
     elif name == "sparsity_ramp":  # beyond the paper: less sparsity in the sensitive early blocks, same total
         for model in MODELS:
             for sparsity in (0.5, 0.6):
