@@ -107,7 +107,8 @@ def test_exponential_needs_positive_alpha_min():
 
 
 def test_plot_returns_axes_with_one_line_per_strategy():
-    matplotlib = pytest.importorskip("matplotlib")
+    import matplotlib  # a declared dependency: a missing one must fail, not skip
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
