@@ -65,3 +65,16 @@ def test_eval_samples_with_the_steps_and_guidance_asked_for(random_sd3_dir, tmp_
 def test_readme_numbers_match_results_files():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "readme.py"), "--check"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_readme_section_links_point_at_headings():
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    anchors = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")  # GitHub's heading anchors
+               for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+    links = re.findall(r"\]\(#([^)]+)\)", text)
+    assert len(links) >= 10, "the Results section's list of sections is missing"
+    assert not [a for a in links if a not in anchors], "README links to headings that do not exist"
+    local = re.findall(r"\]\(((?:notebooks|data|benchmarks)/[^)#]+)\)", text)
+    assert local and not [p for p in local if not (ROOT / p).exists()], "README links to files that do not exist"
