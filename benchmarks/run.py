@@ -5,7 +5,7 @@
     python benchmarks/run.py packages
     python benchmarks/run.py structured
     python benchmarks/run.py summarize             # -> benchmarks/results/*.json, *.csv
-    python benchmarks/run.py plots                 # -> benchmarks/results/quality.png, weighting.png
+    python benchmarks/run.py plots                 # -> benchmarks/results/quality.png, weighting.png, block_sensitivity.png
 
 Every (experiment, model, method, pattern, setting, seed) is one run: prune a fresh copy of the model
 with that calibration seed (which picks the calibration prompts and generator seeds), then score it
@@ -392,7 +392,34 @@ def plots() -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(RESULTS / "weighting.png", dpi=90)
-    print("wrote benchmarks/results/quality.png and weighting.png")
+    _plot_block_sensitivity(plt, quality)
+    print("wrote benchmarks/results/quality.png, weighting.png and block_sensitivity.png")
+
+
+def _plot_block_sensitivity(plt, quality: dict) -> None:
+    """2:4 on one block at a time, on all six, and on all but the first one or two (95% CI over seeds)."""
+    sensitivity = json.loads((RESULTS / "block_sensitivity.json").read_text())
+
+    def row(rows: list[dict], **setting) -> dict:
+        return next(r for r in rows if r["setting"] == setting)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharey=True)
+    for ax, model in zip(axes, MODELS):
+        base = dict(model=model, method="obs-diff", pattern="2:4", sparsity=None)
+        bars = [(f"{b}", row(sensitivity["rows"], **base, blocks=f"{b}:{b + 1}", packages=1), "tab:blue") for b in range(6)]
+        bars += [("all", row(quality["rows"], **base), "tab:red")]
+        bars += [(f"{first}–5", row(sensitivity["rows"], **base, blocks=f"{first}:6"), "tab:orange") for first in (1, 2)]
+        ax.bar(range(len(bars)), [r["full"]["mean"] for _, r, _ in bars], yerr=[r["full"]["ci95"] for _, r, _ in bars],
+               color=[c for _, _, c in bars], capsize=3)
+        ax.axhline(sensitivity["dense"][model]["full"], color="k", ls=":", label="dense")
+        ax.set_xticks(range(len(bars)), [label for label, _, _ in bars])
+        ax.set(title=model, xlabel="blue: one block at 2:4 | red: all six | orange: all but the first blocks",
+               ylim=(0.5, 1.0))
+        ax.xaxis.label.set_fontsize(8)
+    axes[0].set_ylabel("ShapeBench full adherence")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "block_sensitivity.png", dpi=90)
 
 
 def main() -> None:

@@ -105,3 +105,21 @@ def test_every_sweep_run_is_a_valid_prune_config():
                 assert settings["prompts"] == sweeps.prune_settings(run)["prompts"]
             assert set(run.get("eval", {})) <= {"steps", "guidance", "sampler"}, run
             assert run.get("eval", {}).get("sampler", "heun") in sweeps.SAMPLERS, run
+
+
+def test_run_plots_draws_the_readme_figures_from_the_results(tmp_path, monkeypatch):
+    import shutil
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import run
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    for name in ("quality", "weighting", "block_sensitivity"):
+        shutil.copy(ROOT / "benchmarks" / "results" / f"{name}.json", tmp_path)
+    monkeypatch.setattr(run, "RESULTS", tmp_path)
+    run.plots()
+    for name in ("quality", "weighting", "block_sensitivity"):
+        png = tmp_path / f"{name}.png"
+        assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"benchmarks/results/{name}.png" in (ROOT / "README.md").read_text()  # the README shows each figure
