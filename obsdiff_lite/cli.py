@@ -39,6 +39,14 @@ def _packages(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a number of packages or 'blocks', got {text!r}") from None
 
 
+def _fractions(text: str) -> list[float]:
+    """--block-sparsity: comma-separated numbers ("0.3,0.5,0.6"); ValueError (one readable line) otherwise."""
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--block-sparsity expects comma-separated numbers such as 0.3,0.5,0.6, got {text!r}") from None
+
+
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
     from .prune import METHODS
     from .schedules import WEIGHTINGS
@@ -89,6 +97,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity-ramp", type=float, default=0.0,
                    help="unstructured: sparsity rises linearly over depth from SPARSITY - RAMP in the first block to "
                         "SPARSITY + RAMP in the last, same total (beyond the paper; early blocks are the sensitive ones)")
+    p.add_argument("--block-sparsity", default=None, metavar="S0,S1,...",
+                   help="unstructured: one sparsity per selected block, comma-separated, instead of --sparsity "
+                        "(beyond the paper; e.g. from a block-sensitivity profile, notebook 08)")
     p.add_argument("--refresh-every", type=int, default=0, help="cached mode: re-run the trajectory every K packages")
     p.add_argument("--cache-device", default=None, help="cached mode: keep block inputs here: cpu, or disk / disk:/DIR (memory-mapped files)")
     _add_model_args(p)
@@ -100,7 +111,10 @@ def _prune_config(args):
     prompts = read_prompts(args.prompts) if args.prompts is not None else None
     sparsity = args.sparsity
     both_specific = args.head_sparsity is not None and args.ffn_sparsity is not None
-    if sparsity is None and (args.pattern == "unstructured" or (args.pattern == "structured" and not both_specific)):
+    block_sparsity = _fractions(args.block_sparsity) if args.block_sparsity is not None else None
+    per_block = block_sparsity is not None
+    if sparsity is None and ((args.pattern == "unstructured" and not per_block)
+                             or (args.pattern == "structured" and not both_specific)):
         sparsity = 0.5
     return PruneConfig(
         method=args.method, pattern=args.pattern, sparsity=sparsity, head_sparsity=args.head_sparsity,
@@ -111,6 +125,7 @@ def _prune_config(args):
         damp=args.damp, block_size=args.block_size, batch_size=args.batch_size, hessian_device=args.hessian_device,
         calibration=args.calibration, refresh_every=args.refresh_every, cache_device=args.cache_device,
         hessian_inputs=args.hessian_inputs, refit=args.refit, sparsity_ramp=args.sparsity_ramp,
+        block_sparsity=block_sparsity,
     )
 
 

@@ -75,6 +75,7 @@ class PruneConfig:
     hessian_inputs: str = "plain"  # plain (paper) | guided | guided-image: CFG-combined inputs (calibrate.py)
     refit: bool = False  # beyond the paper: least-squares re-fit of the kept weights after OBS (obs.refit_kept_weights)
     sparsity_ramp: float = 0.0  # beyond the paper: unstructured sparsity from s - ramp (first block) to s + ramp (last)
+    block_sparsity: list[float] | None = None  # beyond the paper: one unstructured sparsity per selected block (sparsity=None)
 
     def validate(self) -> None:
         """Refuse impossible settings with one readable line each."""
@@ -93,6 +94,8 @@ class PruneConfig:
         if self.sparsity_ramp and self.pattern != "unstructured":
             raise ValueError("--sparsity-ramp varies the unstructured sparsity over depth; N:M and structured pruning "
                              "remove the same share in every block")
+        if self.block_sparsity is not None:
+            self._validate_block_sparsity()
         if self.refit and self.pattern == "structured":
             raise ValueError("--refit applies to unstructured and N:M pruning; structured OBS already solves its kept "
                              "weights exactly")
@@ -123,11 +126,25 @@ class PruneConfig:
     def _validate_sparsity(self) -> None:
         """Unstructured / N:M: the pattern parses and the sparsity fits it."""
         kind, n, m = parse_pattern(self.pattern)
+        if self.block_sparsity is not None and kind == "unstructured":
+            return  # the per-block values replace the sparsity (_validate_block_sparsity)
         if kind == "nm":
             if self.sparsity not in (None, n / m):
                 raise ValueError(f"pattern {self.pattern} implies sparsity {n / m:g}; drop --sparsity or set it to {n / m:g}")
         elif self.sparsity is None or not (0.0 <= float(self.sparsity) < 1.0):
             raise ValueError(f"sparsity must be in [0, 1) (e.g. 0.5 for 50%), got {self.sparsity}")
+
+    def _validate_block_sparsity(self) -> None:
+        """Per-block sparsities: unstructured only, instead of a sparsity or a ramp, each value in [0, 1)."""
+        if self.pattern != "unstructured":
+            raise ValueError("--block-sparsity sets unstructured sparsities per block; N:M and structured pruning "
+                             "remove the same share in every block")
+        if self.sparsity is not None or self.sparsity_ramp:
+            raise ValueError("--block-sparsity replaces --sparsity and --sparsity-ramp; give one of them "
+                             "(in Python: PruneConfig(sparsity=None, block_sparsity=[...]))")
+        values = list(self.block_sparsity)
+        if not values or not all(isinstance(v, (int, float)) and 0.0 <= float(v) < 1.0 for v in values):
+            raise ValueError(f"--block-sparsity needs one value in [0, 1) per selected block, got {values}")
 
     def _validate_common(self) -> None:
         """Settings shared by every pattern."""
@@ -199,6 +216,24 @@ def ramped_sparsities(sparsity: float, ramp: float, weights: list[int]) -> list[
         raise ValueError(f"--sparsity-ramp {ramp:g} around sparsity {sparsity:g} asks for block sparsities from "
                          f"{min(out):.3f} to {max(out):.3f}; every block needs one in [0, 1): use a smaller ramp")
     return out
+
+
+def per_block_sparsity(config: PruneConfig, selected: list[Block], targets: list[Target], n: int) -> dict[str, float]:
+    """Each selected block's sparsity: the config's (0 for N:M, whose pattern implies it), ramped over depth, or the
+    explicit ``block_sparsity`` list (one value per selected block, checked here where the blocks are known)."""
+    if config.block_sparsity is not None:
+        values = [float(v) for v in config.block_sparsity]
+        if len(values) != len(selected):
+            raise ValueError(f"--block-sparsity has {len(values)} values but {len(selected)} blocks are selected "
+                             f"(blocks {selected[0].index}-{selected[-1].index}); give one value per block")
+        return {b.name: v for b, v in zip(selected, values)}
+    if n:
+        return {b.name: 0.0 for b in selected}
+    if not config.sparsity_ramp:
+        return {b.name: float(config.sparsity) for b in selected}
+    counts = [sum(int(lin.weight.numel()) for t in targets if t.block.name == b.name for _, lin in t.linears())
+              for b in selected]
+    return dict(zip((b.name for b in selected), ramped_sparsities(float(config.sparsity), config.sparsity_ramp, counts)))
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -324,11 +359,7 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
     kind, n, m = parse_pattern(config.pattern)
     packages = package_units(selected, config.packages)
     targets = [t for pkg in packages for unit in pkg for t in unit]
-    block_sparsity = {b.name: 0.0 if n else float(config.sparsity) for b in selected}  # N:M: implied by the pattern
-    if config.sparsity_ramp:
-        counts = [sum(int(lin.weight.numel()) for t in targets if t.block.name == b.name for _, lin in t.linears())
-                  for b in selected]
-        block_sparsity = dict(zip(block_sparsity, ramped_sparsities(float(config.sparsity), config.sparsity_ramp, counts)))
+    block_sparsity = per_block_sparsity(config, selected, targets, n)
     # Validate every target layer before any work: a 2:4 on a width not divisible by 4 fails now, by name.
     for t in targets:
         for name, linear in t.linears():
@@ -390,11 +421,17 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
 
     pruned = sum(int(linear.weight.numel()) for t in targets for _, linear in t.linears())
     zeros = sum(int((linear.weight == 0).sum()) for t in targets for _, linear in t.linears())
+    if n:
+        target = n / m
+    elif config.sparsity is not None:
+        target = float(config.sparsity)
+    else:  # explicit per-block sparsities: their mean weighted by each block's targeted weights
+        target = sum(block_sparsity[t.block.name] * lin.weight.numel() for t in targets for _, lin in t.linears()) / pruned
     return run_record(config, prompts, arch, call, selected, len(packages)) | {
-        "target_sparsity": n / m if n else float(config.sparsity),
+        "target_sparsity": target,
         "achieved_sparsity": zeros / max(pruned, 1),
         "targeted_parameters": pruned,
-        "block_sparsity": block_sparsity if config.sparsity_ramp else None,
+        "block_sparsity": block_sparsity if config.sparsity_ramp or config.block_sparsity is not None else None,
         "transformer_parameters": sum(int(p.numel()) for p in transformer.parameters()),
         "layers": layers,
         "timings": timings,

@@ -212,7 +212,7 @@ def _pruned_run(pipe, dense_state: dict[str, Tensor], config, specs, dense_image
     weights = None
     if keep_weights:
         weights = {k: lin.weight.detach().clone() for k, lin in target_linears(pipe.transformer).items()}
-    return Run(label or config.method, config.pattern, n / m if n else float(config.sparsity),
+    return Run(label or config.method, config.pattern, report["target_sparsity"],
                evaluate(images, specs, reference=dense_images), images, report, report["num_packages"],
                config.calibration, wall, weights)
 

@@ -49,6 +49,16 @@ def test_refit_flag_reaches_the_solver(random_flux_dir, tmp_path):
     assert all(v["recon_error"] <= v["recon_error_obs"] * (1 + 1e-6) for v in info["layers"].values())
 
 
+def test_block_sparsity_flag_sets_each_block(random_flux_dir, tmp_path):
+    out = tmp_path / "per-block"
+    values = "0.3,0.4,0.5,0.6,0.6,0.7"  # the random tiny Flux: 2 double-stream + 4 single-stream blocks
+    assert main(["prune", str(random_flux_dir), "--output", str(out), "--block-sparsity", values, *FAST]) == 0
+    info = json.loads((out / "obsdiff.json").read_text())
+    assert list(info["block_sparsity"].values()) == [float(v) for v in values.split(",")]
+    assert info["config"]["sparsity"] is None and 0.3 < info["target_sparsity"] < 0.7
+    assert abs(info["achieved_sparsity"] - info["target_sparsity"]) < 0.005
+
+
 def _bad_cases(model, tmp_path):
     nonempty = tmp_path / "nonempty"
     nonempty.mkdir()
@@ -80,6 +90,11 @@ def _bad_cases(model, tmp_path):
         "refit of structured": (["prune", model, "--output", out, "--pattern", "structured", "--refit"], "--refit"),
         "block size zero": (["prune", model, "--output", out, "--block-size", "0"], "block_size"),
         "ramp too steep": (["prune", model, "--output", out, "--sparsity-ramp", "0.6"], "smaller ramp"),
+        "block sparsity not numbers": (["prune", model, "--output", out, "--block-sparsity", "0.3,x"], "comma-separated"),
+        "block sparsity count": (["prune", model, "--output", out, "--block-sparsity", "0.3,0.5", "--num-prompts", "1"],
+                                 "one value per block"),
+        "block sparsity with sparsity": (["prune", model, "--output", out, "--block-sparsity", "0.5,0.5", "--sparsity",
+                                          "0.5"], "replaces --sparsity"),
     }
     if not torch.cuda.is_available():  # on a GPU machine this request is legitimate
         cases["cuda without cuda"] = (["prune", model, "--output", out, "--device", "cuda"], "CUDA")

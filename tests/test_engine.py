@@ -209,6 +209,27 @@ def test_one_package_per_block_follows_block_boundaries(random_flux_dir):
     assert {v["package"] for v in report["layers"].values()} == set(range(len(selected)))
 
 
+def test_block_sparsity_sets_each_block_and_equal_values_are_the_uniform_run(random_dir):
+    pipe = load_pipeline(random_dir)
+    values = [0.2 + 0.1 * i for i in range(len(blocks(pipe.transformer)))]
+    report = prune(pipe, PruneConfig(sparsity=None, block_sparsity=values, packages=2, **FAST), progress=False)
+    per_block = report["block_sparsity"]
+    assert list(per_block.values()) == values
+    for b in blocks(pipe.transformer):  # every layer of a block at that block's value
+        for name, linear in _targets(pipe).items():
+            if name.startswith(b.name + "."):
+                assert abs(float((linear.weight == 0).float().mean()) - per_block[b.name]) <= 0.005, name
+    # the recorded target is the mean weighted by each block's weights, and the zeros add up to it
+    assert min(values) < report["target_sparsity"] < max(values)
+    assert abs(report["achieved_sparsity"] - report["target_sparsity"]) < 0.005
+    equal = load_pipeline(random_dir)  # the same value everywhere is the paper's uniform sparsity, bit for bit
+    prune(equal, PruneConfig(sparsity=None, block_sparsity=[0.5] * len(values), packages=2, **FAST), progress=False)
+    uniform = load_pipeline(random_dir)
+    prune(uniform, PruneConfig(sparsity=0.5, packages=2, **FAST), progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(equal.transformer.state_dict().values(),
+                                                 uniform.transformer.state_dict().values()))
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -227,6 +248,12 @@ def test_one_package_per_block_follows_block_boundaries(random_flux_dir):
         (dict(pattern="structured", sparsity=0.25, sparsity_ramp=0.1), "N:M and structured"),
         (dict(sparsity=0.5, sparsity_ramp=0.6), "smaller ramp"),
         (dict(sparsity_ramp=float("nan")), "sparsity_ramp must be a finite"),
+        (dict(sparsity=None, block_sparsity=[0.5, 0.5]), "2 values but 6 blocks are selected"),
+        (dict(sparsity=None, block_sparsity=[0.5] * 5 + [1.2]), r"one value in \[0, 1\)"),
+        (dict(sparsity=None, block_sparsity=[0.5] * 5 + [float("nan")]), r"one value in \[0, 1\)"),
+        (dict(block_sparsity=[0.5] * 6), "replaces --sparsity"),
+        (dict(sparsity=None, sparsity_ramp=0.1, block_sparsity=[0.5] * 6), "replaces --sparsity"),
+        (dict(pattern="2:4", sparsity=None, block_sparsity=[0.5] * 6), "N:M and structured"),
         (dict(weight_range=(0.8, float("inf"))), "finite 0 <= MIN <= MAX"),
     ],
 )
