@@ -505,6 +505,7 @@ def render_block_sensitivity() -> str:
         return "_not measured yet: run `python benchmarks/run.py block_sensitivity`_"
     dense = _load("block_sensitivity")["dense"]
     lines = ["| model | row | " + " | ".join(f"block {b}" for b in range(6)) + " | all six |", "|---" * 9 + "|"]
+    measured = {}  # model -> (the all-six row or None, each block's share of the 2:4 weights)
     for model in MODELS_ORDER:
         rows = [_find_exact(bs, model=model, method="obs-diff", pattern="2:4", sparsity=None, blocks=f"{b}:{b + 1}",
                             packages=1) for b in range(6)]
@@ -514,12 +515,14 @@ def render_block_sensitivity() -> str:
         d = dense[model]["full"]
         lost = [d - r["full"]["mean"] for r in rows]
         weights = [r["targeted_parameters"]["mean"] for r in rows]
+        shares = [w / sum(weights) for w in weights]
+        measured[model] = (every, shares)
         lines.append(f"| {model} | full adherence | " + " | ".join(_cell(r["full"]) for r in rows) +
                      f" | {_cell(every['full']) if every else '–'} |")
         all_lost = f"{d - every['full']['mean']:+.3f}" if every else "–"
         lines.append(f"| {model} | adherence lost | " + " | ".join(f"{x:+.3f}" for x in lost) +
                      f" | {all_lost} (sum of the six: {sum(lost):+.3f}) |")
-        lines.append(f"| {model} | share of the 2:4 weights | " + " | ".join(f"{w / sum(weights):.0%}" for w in weights) +
+        lines.append(f"| {model} | share of the 2:4 weights | " + " | ".join(f"{share:.0%}" for share in shares) +
                      " | 100% |")
     flux = json.loads((ROOT / "data" / "tiny-flux" / "transformer" / "config.json").read_text())
     lines.append("")
@@ -529,33 +532,32 @@ def render_block_sensitivity() -> str:
                  f"Adherence lost: dense minus pruned. tiny-Flux's blocks 0–{flux['num_layers'] - 1} are double-stream "
                  f"(joint) blocks, the other {flux['num_single_layers']} single-stream. "
                  "`python benchmarks/run.py block_sensitivity`.")
-    return "\n".join(lines + _render_spared_blocks(bs, quality, dense))
+    return "\n".join(lines + _render_spared_blocks(bs, measured, dense))
 
 
-def _render_spared_blocks(bs: list[dict], quality: list[dict], dense: dict) -> list[str]:
-    """2:4 on all blocks but the first one or two (the paper's Table 2 habit), against all six (4 packages each)."""
+def _render_spared_blocks(bs: list[dict], measured: dict[str, tuple], dense: dict) -> list[str]:
+    """2:4 on all blocks but the first one or two (the paper's Table 2 habit), against all six (4 packages each);
+    ``measured``: per model, the all-six row and the blocks' weight shares that ``render_block_sensitivity`` found."""
     lines = ["", "| model | 2:4 on blocks | share of the 2:4 weights | full adherence | difference to all six | "
              "share of dense |", "|---" * 6 + "|"]
-    for model in MODELS_ORDER:
-        singles = [_find_exact(bs, model=model, method="obs-diff", pattern="2:4", sparsity=None, blocks=f"{b}:{b + 1}",
-                               packages=1) for b in range(6)]
-        every = _find_exact(quality, model=model, method="obs-diff", pattern="2:4", sparsity=None)
+    seeds = []
+    for model, (every, shares) in measured.items():
         spared = {first: _find_exact(bs, model=model, method="obs-diff", pattern="2:4", sparsity=None,
                                      blocks=f"{first}:6") for first in (1, 2)}
-        if not (all(singles) and every and all(spared.values())):
+        if not (every and all(spared.values())):
             continue
-        weights = [r["targeted_parameters"]["mean"] for r in singles]
         d = dense[model]["full"]
         lines.append(f"| {model} | 0–5 (all six) | 100% | {_cell(every['full'])} | – | {_shares(d, every)} |")
         for first, row in spared.items():
-            lines.append(f"| {model} | {first}–5 | {sum(weights[first:]) / sum(weights):.0%} | {_cell(row['full'])} | "
+            seeds.append(len(row["seeds"]))
+            lines.append(f"| {model} | {first}–5 | {sum(shares[first:]):.0%} | {_cell(row['full'])} | "
                          f"{_fmt(compare(row, every))} | {_shares(d, row)} |")
-    if len(lines) == 3:
+    if not seeds:
         return []
     return lines + ["", "OBS-Diff 2:4 on the blocks named (`--blocks 1:6`, `--blocks 2:6`), the others left dense, 4 packages "
-                        "like the all-six run (the quality table's); mean ± 95% interval over 5 calibration seeds, "
-                        "differences paired over the same seeds. Share of the 2:4 weights: from the single-block runs "
-                        "above. `python benchmarks/run.py block_sensitivity`."]
+                        f"like the all-six run (the quality table's); mean ± 95% interval over {max(seeds)} calibration "
+                        "seeds, differences paired over the same seeds. Share of the 2:4 weights: from the single-block "
+                        "runs above. `python benchmarks/run.py block_sensitivity`."]
 
 
 RAMPS = (-0.1, 0.1, 0.2)  # the sparsity_ramp sweep

@@ -218,9 +218,11 @@ def ramped_sparsities(sparsity: float, ramp: float, weights: list[int]) -> list[
     return out
 
 
-def per_block_sparsity(config: PruneConfig, selected: list[Block], targets: list[Target], n: int) -> dict[str, float]:
-    """Each selected block's sparsity: the config's (0 for N:M, whose pattern implies it), ramped over depth, or the
-    explicit ``block_sparsity`` list (one value per selected block, checked here where the blocks are known)."""
+def per_block_sparsity(config: PruneConfig, selected: list[Block], block_weights: dict[str, int],
+                       n: int) -> dict[str, float]:
+    """Each selected block's sparsity: the config's (0 for N:M, whose pattern implies it), ramped over depth (by the
+    blocks' targeted weights, ``block_weights``), or the explicit ``block_sparsity`` list (one value per selected
+    block, checked here where the blocks are known)."""
     if config.block_sparsity is not None:
         values = [float(v) for v in config.block_sparsity]
         if len(values) != len(selected):
@@ -231,9 +233,8 @@ def per_block_sparsity(config: PruneConfig, selected: list[Block], targets: list
         return {b.name: 0.0 for b in selected}
     if not config.sparsity_ramp:
         return {b.name: float(config.sparsity) for b in selected}
-    counts = [sum(int(lin.weight.numel()) for t in targets if t.block.name == b.name for _, lin in t.linears())
-              for b in selected]
-    return dict(zip((b.name for b in selected), ramped_sparsities(float(config.sparsity), config.sparsity_ramp, counts)))
+    ramped = ramped_sparsities(float(config.sparsity), config.sparsity_ramp, list(block_weights.values()))
+    return dict(zip(block_weights, ramped))
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -359,7 +360,10 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
     kind, n, m = parse_pattern(config.pattern)
     packages = package_units(selected, config.packages)
     targets = [t for pkg in packages for unit in pkg for t in unit]
-    block_sparsity = per_block_sparsity(config, selected, targets, n)
+    block_weights = {b.name: 0 for b in selected}  # targeted weights per block, in block order
+    for t in targets:
+        block_weights[t.block.name] += sum(int(lin.weight.numel()) for _, lin in t.linears())
+    block_sparsity = per_block_sparsity(config, selected, block_weights, n)
     # Validate every target layer before any work: a 2:4 on a width not divisible by 4 fails now, by name.
     for t in targets:
         for name, linear in t.linears():
@@ -419,14 +423,14 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
     if cache_stats is not None:
         timings["calibration_s"] = timings["total_s"] - timings["solve_s"]
 
-    pruned = sum(int(linear.weight.numel()) for t in targets for _, linear in t.linears())
+    pruned = sum(block_weights.values())
     zeros = sum(int((linear.weight == 0).sum()) for t in targets for _, linear in t.linears())
     if n:
         target = n / m
     elif config.sparsity is not None:
         target = float(config.sparsity)
     else:  # explicit per-block sparsities: their mean weighted by each block's targeted weights
-        target = sum(block_sparsity[t.block.name] * lin.weight.numel() for t in targets for _, lin in t.linears()) / pruned
+        target = sum(block_weights[b] * s for b, s in block_sparsity.items()) / pruned
     return run_record(config, prompts, arch, call, selected, len(packages)) | {
         "target_sparsity": target,
         "achieved_sparsity": zeros / max(pruned, 1),

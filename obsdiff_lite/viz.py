@@ -199,7 +199,6 @@ def _pruned_run(pipe, dense_state: dict[str, Tensor], config, specs, dense_image
 
     ``label`` names the run's method (default ``config.method``), e.g. "obs-diff+refit"."""
     from .evaluate import sample_shapebench
-    from .obs import parse_pattern
     from .prune import prune
     from .shapes.bench import evaluate
 
@@ -208,7 +207,6 @@ def _pruned_run(pipe, dense_state: dict[str, Tensor], config, specs, dense_image
     report = prune(pipe, config, progress=progress)
     wall = time.perf_counter() - start
     _, images = sample_shapebench(pipe, len(specs), seed=seed, progress=progress)
-    kind, n, m = parse_pattern(config.pattern)
     weights = None
     if keep_weights:
         weights = {k: lin.weight.detach().clone() for k, lin in target_linears(pipe.transformer).items()}
