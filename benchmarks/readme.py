@@ -560,6 +560,37 @@ def _render_spared_blocks(bs: list[dict], measured: dict[str, tuple], dense: dic
                         "runs above. `python benchmarks/run.py block_sensitivity`."]
 
 
+WIDTH_PATTERNS = [("unstructured", 0.5), ("unstructured", 0.6), ("2:4", None)]
+
+
+def render_width() -> str:
+    """tiny-sd3 against tiny-sd3-wide (same recipe and steps, twice the hidden width) under the same pruning."""
+    width, quality = _rows("width"), _rows("quality")
+    if not width:
+        return "_not measured yet: run `python benchmarks/run.py width`_"
+    dense = _load("width")["dense"]
+    head = [_pattern_label(p, s) for p, s in WIDTH_PATTERNS]
+    lines = ["| model | method | " + " | ".join(head) + " |", "|---" * (len(head) + 2) + "|"]
+    for model, rows in (("tiny-sd3", quality), ("tiny-sd3-wide", width)):
+        config = json.loads((ROOT / "data" / model / "transformer" / "config.json").read_text())
+        hidden = config["num_attention_heads"] * config["attention_head_dim"]
+        d = dense[model]["full"]
+        lines.append(f"| {model} (hidden {hidden}) | dense | " + " | ".join(f"{d:.3f}" for _ in head) + " |")
+        for method in ("magnitude", "wanda", "obs-diff"):
+            found = [_find_exact(rows, model=model, method=method, pattern=p, sparsity=s) for p, s in WIDTH_PATTERNS]
+            lines.append(f"| {model} (hidden {hidden}) | {method} | " +
+                         " | ".join(f"{_cell(r['full'])} ({_shares(d, r)})" if r else "–" for r in found) + " |")
+        leads = [compare(_find_exact(rows, model=model, method="obs-diff", pattern=p, sparsity=s),
+                         _find_exact(rows, model=model, method="wanda", pattern=p, sparsity=s)) for p, s in WIDTH_PATTERNS]
+        lines.append(f"| {model} (hidden {hidden}) | obs-diff − wanda | " + " | ".join(_fmt(x) for x in leads) + " |")
+    seeds = max(len(r["seeds"]) for r in width)
+    lines += ["", f"Full ShapeBench adherence on the same {_load('width')['eval_prompts']} evaluation prompts, mean ± 95% "
+              f"interval over {seeds} calibration seeds (magnitude: one run), in brackets the share of the model's own dense "
+              "adherence; 16 calibration prompts, 4 packages, log-decrease weighting. The tiny-sd3 rows are the quality "
+              "table's. `python benchmarks/run.py width` (`benchmarks/results/width.json`)."]
+    return "\n".join(lines)
+
+
 RAMPS = (-0.1, 0.1, 0.2)  # the sparsity_ramp sweep
 
 
@@ -1056,7 +1087,7 @@ def render_provenance() -> str:
 RENDERERS = {"provenance": render_provenance, "claims": render_claims, "gpu": render_gpu, "structured_selection": render_structured_selection, "head_diagnosis": render_head_diagnosis, "hessian_inputs": render_hessian_inputs, "refit": render_refit, "refit_masks": render_refit_masks, "weight_range": render_weight_range,
              "solver_settings": render_solver_settings, "robustness": render_robustness,
              "calibration_source": render_calibration_source, "block_sensitivity": render_block_sensitivity,
-             "sparsity_ramp": render_sparsity_ramp, "cached_projection": render_cached_projection, "structured_parts": render_structured_parts,
+             "sparsity_ramp": render_sparsity_ramp, "width": render_width, "cached_projection": render_cached_projection, "structured_parts": render_structured_parts,
              "calibration_size": render_calibration_size, "speed": render_speed, "tiny_world": render_tiny_world, "demo": render_demo, "quality": render_quality,
              "weighting": render_weighting, "packages": render_packages, "structured": render_structured,
              "overhead": render_overhead}

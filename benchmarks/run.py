@@ -46,7 +46,7 @@ EVAL_PROMPTS, EVAL_SEED = 120, 0
 CALIB_PROMPTS = 16
 EXPERIMENTS = ("quality", "weighting", "packages", "calibration_size", "structured", "structured_parts",
                "structured_selection", "hessian_inputs", "paper_calibration", "refit", "weight_range", "solver_settings",
-               "robustness", "calibration_source", "block_sensitivity", "sparsity_ramp")
+               "robustness", "calibration_source", "block_sensitivity", "sparsity_ramp", "width")
 # Off-calibration sampling (robustness sweep): diffusers scheduler classes by sampler name.
 SAMPLERS = {"heun": "FlowMatchHeunDiscreteScheduler"}
 # Calibration prompts other than the tiny world's captions (calibration_source sweep), by name.
@@ -185,6 +185,13 @@ def experiment_runs(name: str) -> list[dict]:
                 # with the least-squares re-fit (paired with the refit sweep's runs at uniform sparsity)
                 runs += [dict(model=model, method="obs-diff", pattern="unstructured", sparsity=sparsity, seed=s,
                               sparsity_ramp=0.1, refit=True) for s in range(5)]
+    elif name == "width":  # is the tiny world's sensitivity a matter of size? tiny-sd3 twice as wide (paired with quality)
+        # tiny-sd3-wide: tiny-sd3's recipe, data, VAE and 5,130 steps, with 8 heads (hidden 128) instead of 4.
+        for pattern, sparsity in (("unstructured", 0.5), ("unstructured", 0.6), ("2:4", None)):
+            for method in ("magnitude", "wanda", "obs-diff"):
+                seeds = (0,) if method == "magnitude" else range(5)
+                runs += [dict(model="tiny-sd3-wide", method=method, pattern=pattern, sparsity=sparsity, seed=s)
+                         for s in seeds]
     else:
         raise SystemExit(f"unknown experiment {name!r}")
     return runs
@@ -316,7 +323,8 @@ def summarize() -> None:
                 if vals:
                     row[metric] = mean_ci(vals)
             rows.append(row)
-        dense = {m: _dense_scores(m) for m in MODELS if (ROOT / "data" / m).exists()}
+        models = list(MODELS) + sorted({r["setting"]["model"] for r in rows} - set(MODELS))
+        dense = {m: _dense_scores(m) for m in models if (ROOT / "data" / m).exists()}
         evaluations = {json.dumps([r["setting"]["model"], r["setting"]["eval"]], sort_keys=True): r["setting"]
                        for r in rows if "eval" in r["setting"]}
         dense_eval = [{"model": st["model"], "eval": st["eval"], "scores": _dense_scores(st["model"], st["eval"])}

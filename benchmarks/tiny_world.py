@@ -70,6 +70,10 @@ def model_card(model: str, result: dict) -> str:
         "",
         "## Training",
         f"- transformer: {params:,} parameters; config in `transformer/config.json`",
+        *([f"- width: {transformer['num_attention_heads']} heads x {transformer['attention_head_dim']} (hidden "
+           f"{transformer['num_attention_heads'] * transformer['attention_head_dim']}); otherwise tiny-sd3's recipe, data, "
+           "VAE and step count: the wider model of the README's width-scaling experiment "
+           "(`python benchmarks/run.py width`)"] if "num_attention_heads" in training else []),
         f"- {training['steps']:,} steps in {training['minutes']:.1f} min on one CPU thread, batch {training.get('batch_size')},"
         f" AdamW lr {training.get('lr')}, EMA {training.get('ema_decay')}, caption dropout {training.get('caption_dropout')},"
         f" seed {training.get('seed')}",

@@ -16,12 +16,12 @@ DATA = Path(__file__).resolve().parent.parent / "data"
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 
-@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux", "tiny-sd3-wide"])
 def test_loads_with_plain_diffusers_and_generates(name):
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
     path = DATA / name
-    if name == "tiny-sd3":
+    if name.startswith("tiny-sd3"):
         pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
     else:
         pipe = FluxPipeline.from_pretrained(path)
@@ -46,3 +46,21 @@ def test_quality_bar_on_fresh_prompts(name):
     # The sensitivity requirement: 50% magnitude pruning costs at least 10 points of adherence.
     assert measured["dense"]["full"] - measured["curves"]["magnitude"]["0.50"]["full"] >= 0.10
     assert f"{measured['dense']['full']:.3f}" in (DATA / name / "README.md").read_text()
+
+
+def test_wide_model_is_tiny_sd3_twice_as_wide_with_the_same_recipe():
+    """The width experiment compares like with like: only the head count (and the text projection that must match
+    it) differs from tiny-sd3, and it was trained with the same data, settings and number of steps."""
+    def config(name):
+        return json.loads((DATA / name / "transformer" / "config.json").read_text())
+
+    narrow, wide = config("tiny-sd3"), config("tiny-sd3-wide")
+    assert wide["num_attention_heads"] == 2 * narrow["num_attention_heads"]
+    assert wide["caption_projection_dim"] == wide["num_attention_heads"] * wide["attention_head_dim"]
+    differing = {k for k in narrow.keys() | wide.keys() if narrow.get(k) != wide.get(k)} - {"_diffusers_version"}
+    assert differing == {"num_attention_heads", "caption_projection_dim"}
+    recipe = ("steps", "batch_size", "lr", "ema_decay", "caption_dropout", "num_images", "seed", "partial")
+    trained = [json.loads((DATA / name / "training.json").read_text()) for name in ("tiny-sd3", "tiny-sd3-wide")]
+    assert [t[k] for k in recipe for t in trained[:1]] == [t[k] for k in recipe for t in trained[1:]]
+    assert (DATA / "tiny-sd3-wide" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == (
+        DATA / "tiny-sd3" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()

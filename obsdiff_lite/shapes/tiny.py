@@ -120,8 +120,12 @@ def _clip_text_config(vocab_size: int, tok, with_projection: bool):
     )
 
 
-def build_sd3_pipeline(vae=None, seed: int = 0):
-    """A random-init tiny ``StableDiffusion3Pipeline`` (no T5: text_encoder_3 = None)."""
+def build_sd3_pipeline(vae=None, seed: int = 0, num_attention_heads: int | None = None):
+    """A random-init tiny ``StableDiffusion3Pipeline`` (no T5: text_encoder_3 = None).
+
+    ``num_attention_heads`` widens the transformer (hidden = heads x 16; default TINY_SD3's 4), for the
+    width-scaling experiment; depth, text encoders and VAE stay the same.
+    """
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
@@ -130,7 +134,10 @@ def build_sd3_pipeline(vae=None, seed: int = 0):
     tok2 = build_clip_tokenizer()
     te = CLIPTextModelWithProjection(_clip_text_config(len(tok), tok, True)).eval()
     te2 = CLIPTextModelWithProjection(_clip_text_config(len(tok2), tok2, True)).eval()
-    inner = TINY_SD3["num_attention_heads"] * TINY_SD3["attention_head_dim"]
+    heads = TINY_SD3["num_attention_heads"] if num_attention_heads is None else int(num_attention_heads)
+    if heads < 1:
+        raise ValueError(f"num_attention_heads must be >= 1, got {heads}")
+    inner = heads * TINY_SD3["attention_head_dim"]
     transformer = SD3Transformer2DModel(
         sample_size=16,
         patch_size=TINY_SD3["patch_size"],
@@ -138,7 +145,7 @@ def build_sd3_pipeline(vae=None, seed: int = 0):
         out_channels=LATENT_CHANNELS,
         num_layers=TINY_SD3["num_layers"],
         attention_head_dim=TINY_SD3["attention_head_dim"],
-        num_attention_heads=TINY_SD3["num_attention_heads"],
+        num_attention_heads=heads,
         joint_attention_dim=64,
         caption_projection_dim=inner,
         pooled_projection_dim=64,
@@ -192,9 +199,13 @@ def build_flux_pipeline(vae=None, seed: int = 0):
     )
 
 
-def build_pipeline(arch: str, vae=None, seed: int = 0):
-    """A random-init tiny pipeline of the given architecture ('sd3' or 'flux')."""
+def build_pipeline(arch: str, vae=None, seed: int = 0, num_attention_heads: int | None = None):
+    """A random-init tiny pipeline of the given architecture ('sd3' or 'flux'); only sd3 takes a head count."""
     builders = {"sd3": build_sd3_pipeline, "flux": build_flux_pipeline}
     if arch not in builders:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {sorted(builders)}")
-    return builders[arch](vae=vae, seed=seed)
+    if num_attention_heads is None:
+        return builders[arch](vae=vae, seed=seed)
+    if arch != "sd3":
+        raise ValueError(f"num_attention_heads is only supported for the tiny sd3 architecture, not {arch!r}")
+    return build_sd3_pipeline(vae=vae, seed=seed, num_attention_heads=num_attention_heads)

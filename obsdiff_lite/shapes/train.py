@@ -8,6 +8,8 @@ EMA model's ShapeBench adherence at every checkpoint to ``training_log.jsonl``.
     python -m obsdiff_lite.shapes.train vae --out runs/tiny-vae --minutes 4
     python -m obsdiff_lite.shapes.train sd3 --vae runs/tiny-vae --out data/tiny-sd3 --minutes 40
     python -m obsdiff_lite.shapes.train flux --vae runs/tiny-vae --out data/tiny-flux --minutes 40
+    # the width-scaling model: tiny-sd3's recipe and step count, twice as wide (8 heads, hidden 128)
+    python -m obsdiff_lite.shapes.train sd3 --vae data/tiny-sd3/vae --out data/tiny-sd3-wide --heads 8 --steps 5130
 
 Training is not part of CI; the trained pipelines are committed under ``data/``.
 """
@@ -126,13 +128,18 @@ def train_transformer(
     seed: int = 0,
     checkpoint_minutes: float = 5.0,
     resume: Path | None = None,
+    steps: int | None = None,
+    num_attention_heads: int | None = None,
 ):
-    """Train the tiny transformer of ``arch`` for a wall-clock budget; save the pipeline with EMA weights."""
+    """Train the tiny transformer of ``arch`` for a wall-clock budget (or exactly ``steps`` optimizer steps, which
+    makes runs on differently loaded machines comparable); save the pipeline with EMA weights."""
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()
-    pipe = build_pipeline(arch, vae=vae, seed=seed)
+    pipe = build_pipeline(arch, vae=vae, seed=seed, num_attention_heads=num_attention_heads)
     if resume is not None:  # continue from a saved pipeline's (EMA) transformer, with a fresh optimizer
         from safetensors.torch import load_file
 
@@ -155,7 +162,8 @@ def train_transformer(
     log.unlink(missing_ok=True)
     start, step, last_ckpt, running = time.time(), 0, time.time(), None
     with tqdm(desc=f"train {arch}", unit="step") as bar:
-        while (elapsed := time.time() - start) < minutes * 60:
+        while (step < steps) if steps is not None else (time.time() - start < minutes * 60):
+            elapsed = time.time() - start
             idx = torch.randint(0, len(latents), (batch_size,), generator=gen)
             x0 = latents[idx]
             cap = labels[idx].clone()
@@ -165,8 +173,8 @@ def train_transformer(
             x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
             pred = _velocity(pipe, arch, model, x_t, t, cond["emb"][cap], cond["pooled"][cap])
             loss = F.mse_loss(pred, noise - x0)
-            # Linear warm-up, then cosine decay over the wall-clock budget down to 10%.
-            frac = elapsed / (minutes * 60)
+            # Linear warm-up, then cosine decay over the budget (wall clock or steps) down to 10%.
+            frac = elapsed / (minutes * 60) if steps is None else step / steps
             for g in opt.param_groups:
                 g["lr"] = lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
             opt.zero_grad(set_to_none=True)
@@ -191,7 +199,8 @@ def train_transformer(
     _save(pipe, ema, arch, out, {"steps": done_steps, "minutes": done_minutes, "partial": False,
                                   "resumed_from": str(resume) if resume is not None else None,
                                   "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
-                                  "caption_dropout": caption_dropout, "num_images": num_images, "seed": seed})
+                                  "caption_dropout": caption_dropout, "num_images": num_images, "seed": seed,
+                                  "num_attention_heads": pipe.transformer.config.num_attention_heads})
     return pipe
 
 
@@ -233,7 +242,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--resume", type=Path, help="continue from this saved pipeline's transformer weights")
+    parser.add_argument("--steps", type=int, help="train exactly this many steps instead of --minutes of wall clock")
+    parser.add_argument("--heads", type=int, help="sd3 only: attention heads of 16 dims (default 4: hidden 64)")
     args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.heads is not None and (args.what != "sd3" or args.heads < 1):
+        parser.error("--heads takes a positive head count and only applies to sd3")
     torch.set_num_threads(args.threads)
     if args.what == "vae":
         train_vae(args.out, minutes=args.minutes, seed=args.seed)
@@ -241,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.vae is None:
             parser.error("--vae DIR is required to train a transformer")
         train_transformer(args.what, args.vae, args.out, minutes=args.minutes, seed=args.seed, lr=args.lr,
-                          resume=args.resume)
+                          resume=args.resume, steps=args.steps, num_attention_heads=args.heads)
 
 
 if __name__ == "__main__":
