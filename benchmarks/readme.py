@@ -560,7 +560,7 @@ def _render_spared_blocks(bs: list[dict], measured: dict[str, tuple], dense: dic
                         "runs above. `python benchmarks/run.py block_sensitivity`."]
 
 
-WIDTH_PATTERNS = [("unstructured", 0.5), ("unstructured", 0.6), ("2:4", None)]
+WIDTH_PATTERNS = [("unstructured", 0.5), ("unstructured", 0.6), ("unstructured", 0.7), ("2:4", None)]
 
 
 def render_width() -> str:

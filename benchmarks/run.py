@@ -187,7 +187,7 @@ def experiment_runs(name: str) -> list[dict]:
                               sparsity_ramp=0.1, refit=True) for s in range(5)]
     elif name == "width":  # is the tiny world's sensitivity a matter of size? tiny-sd3 twice as wide (paired with quality)
         # tiny-sd3-wide: tiny-sd3's recipe, data, VAE and 5,130 steps, with 8 heads (hidden 128) instead of 4.
-        for pattern, sparsity in (("unstructured", 0.5), ("unstructured", 0.6), ("2:4", None)):
+        for pattern, sparsity in (("unstructured", 0.5), ("unstructured", 0.6), ("unstructured", 0.7), ("2:4", None)):
             for method in ("magnitude", "wanda", "obs-diff"):
                 seeds = (0,) if method == "magnitude" else range(5)
                 runs += [dict(model="tiny-sd3-wide", method=method, pattern=pattern, sparsity=sparsity, seed=s)
