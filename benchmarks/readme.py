@@ -42,7 +42,9 @@ def render_tiny_world() -> str:
         cells = [f"{curves[m][s]['full']:.3f}" for m in curves for s in sparsities]
         lines.append(f"| {model} | {r['dense']['full']:.3f} (n={r['num_prompts']}) | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"Full ShapeBench adherence (all four attributes right). Produced by `{next(iter(data.values()))['command']}`.")
+    commands = dict.fromkeys(r["command"] for r in data.values())  # distinct, in table order
+    lines.append("Full ShapeBench adherence (all four attributes right). Produced by " +
+                 " and ".join(f"`{c}`" for c in commands) + ".")
     return "\n".join(lines)
 
 
@@ -583,6 +585,10 @@ def render_width() -> str:
         leads = [compare(_find_exact(rows, model=model, method="obs-diff", pattern=p, sparsity=s),
                          _find_exact(rows, model=model, method="wanda", pattern=p, sparsity=s)) for p, s in WIDTH_PATTERNS]
         lines.append(f"| {model} (hidden {hidden}) | obs-diff − wanda | " + " | ".join(_fmt(x) for x in leads) + " |")
+        psnr = [[_find_exact(rows, model=model, method=m, pattern=p, sparsity=s) for m in ("wanda", "obs-diff")]
+                for p, s in WIDTH_PATTERNS]
+        lines.append(f"| {model} (hidden {hidden}) | PSNR to dense (dB): wanda / obs-diff | " + " | ".join(
+            " / ".join(f"{r['psnr']['mean']:.1f}" for r in pair) if all(pair) else "–" for pair in psnr) + " |")
     seeds = max(len(r["seeds"]) for r in width)
     lines += ["", f"Full ShapeBench adherence on the same {_load('width')['eval_prompts']} evaluation prompts, mean ± 95% "
               f"interval over {seeds} calibration seeds (magnitude: one run), in brackets the share of the model's own dense "
