@@ -53,3 +53,27 @@ def test_width_options_refuse_what_they_cannot_build(tmp_path, capsys):
             main([*argv, "--out", str(tmp_path / "x"), "--vae", str(DATA / "tiny-sd3" / "vae")])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_tokenizer_builds_are_identical_across_processes(tmp_path):
+    """The BPE trainer numbers its alphabet in hash-map order, different in every process; ``canonical_bpe_vocab``
+    sorts it, so a retrained tiny model gets the same token ids as the shipped one's recipe (two fresh processes)."""
+    import subprocess
+    import sys
+
+    saved = []
+    for i in range(2):
+        out = tmp_path / str(i)
+        script = ("from obsdiff_lite.shapes.tiny import build_clip_tokenizer; "
+                  f"build_clip_tokenizer().save_pretrained({str(out)!r})")
+        subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+        saved.append({p.name: p.read_bytes() for p in out.iterdir()})
+    assert saved[0] == saved[1] and "tokenizer.json" in saved[0]
+
+
+def test_canonical_bpe_vocab_sorts_only_the_alphabet():
+    from obsdiff_lite.shapes.tiny import canonical_bpe_vocab
+
+    vocab = {"<s>": 0, "</s>": 1, "b": 2, "a": 3, "c": 4, "ab": 5, "abc": 6}
+    assert canonical_bpe_vocab(vocab, num_merges=2, num_special=2) == {
+        "<s>": 0, "</s>": 1, "a": 2, "b": 3, "c": 4, "ab": 5, "abc": 6}

@@ -51,6 +51,19 @@ def _vocabulary_words() -> list[str]:
     return sorted(words)
 
 
+def canonical_bpe_vocab(vocab: dict[str, int], num_merges: int, num_special: int) -> dict[str, int]:
+    """The trained BPE vocabulary with its initial alphabet in sorted order, so that token ids are reproducible.
+
+    The ``tokenizers`` trainer numbers the single characters in hash-map order, which changes from process to
+    process (the same caption got a different first id in every build); the merges and the special tokens are
+    stable. Ids: specials first, then the alphabet sorted, then one token per merge in merge order, as before.
+    """
+    ordered = sorted(vocab, key=vocab.get)
+    alphabet_end = len(ordered) - num_merges
+    tokens = ordered[:num_special] + sorted(ordered[num_special:alphabet_end]) + ordered[alphabet_end:]
+    return {token: i for i, token in enumerate(tokens)}
+
+
 def build_clip_tokenizer():
     """A CLIP BPE tokenizer whose merges are learned from the caption grammar."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -64,7 +77,7 @@ def build_clip_tokenizer():
     bpe.train_from_iterator(caption_corpus() + _vocabulary_words() * 4, trainer)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    tok = CLIPTokenizer(vocab=model["vocab"], merges=merges)
+    tok = CLIPTokenizer(vocab=canonical_bpe_vocab(model["vocab"], len(merges), len(special)), merges=merges)
     tok.model_max_length = TOKEN_LENGTH
     return tok
 
