@@ -578,17 +578,16 @@ def render_width() -> str:
         hidden = config["num_attention_heads"] * config["attention_head_dim"]
         d = dense[model]["full"]
         lines.append(f"| {model} (hidden {hidden}) | dense | " + " | ".join(f"{d:.3f}" for _ in head) + " |")
-        for method in ("magnitude", "wanda", "obs-diff"):
-            found = [_find_exact(rows, model=model, method=method, pattern=p, sparsity=s) for p, s in WIDTH_PATTERNS]
+        found = {method: [_find_exact(rows, model=model, method=method, pattern=p, sparsity=s) for p, s in WIDTH_PATTERNS]
+                 for method in ("magnitude", "wanda", "obs-diff")}
+        for method, row in found.items():
             lines.append(f"| {model} (hidden {hidden}) | {method} | " +
-                         " | ".join(f"{_cell(r['full'])} ({_shares(d, r)})" if r else "–" for r in found) + " |")
-        leads = [compare(_find_exact(rows, model=model, method="obs-diff", pattern=p, sparsity=s),
-                         _find_exact(rows, model=model, method="wanda", pattern=p, sparsity=s)) for p, s in WIDTH_PATTERNS]
-        lines.append(f"| {model} (hidden {hidden}) | obs-diff − wanda | " + " | ".join(_fmt(x) for x in leads) + " |")
-        psnr = [[_find_exact(rows, model=model, method=m, pattern=p, sparsity=s) for m in ("wanda", "obs-diff")]
-                for p, s in WIDTH_PATTERNS]
+                         " | ".join(f"{_cell(r['full'])} ({_shares(d, r)})" if r else "–" for r in row) + " |")
+        pairs = list(zip(found["wanda"], found["obs-diff"]))
+        lines.append(f"| {model} (hidden {hidden}) | obs-diff − wanda | " +
+                     " | ".join(_fmt(compare(obs, wanda)) for wanda, obs in pairs) + " |")
         lines.append(f"| {model} (hidden {hidden}) | PSNR to dense (dB): wanda / obs-diff | " + " | ".join(
-            " / ".join(f"{r['psnr']['mean']:.1f}" for r in pair) if all(pair) else "–" for pair in psnr) + " |")
+            " / ".join(f"{r['psnr']['mean']:.1f}" for r in pair) if all(pair) else "–" for pair in pairs) + " |")
     seeds = max(len(r["seeds"]) for r in width)
     lines += ["", f"Full ShapeBench adherence on the same {_load('width')['eval_prompts']} evaluation prompts, mean ± 95% "
               f"interval over {seeds} calibration seeds (magnitude: one run), in brackets the share of the model's own dense "

@@ -26,9 +26,11 @@ from obsdiff_lite.evaluate import sample_shapebench  # noqa: E402
 from obsdiff_lite.pipelines import load_pipeline  # noqa: E402
 from obsdiff_lite.prune import PruneConfig, prune  # noqa: E402
 from obsdiff_lite.shapes.bench import evaluate, save_grid  # noqa: E402
+from obsdiff_lite.shapes.tiny import TINY_FLUX, TINY_SD3  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "tiny_world.json"
 SPARSITIES = (0.3, 0.5, 0.6, 0.7)
+TINY_ARCHITECTURES = {"sd3": TINY_SD3, "flux": TINY_FLUX}
 
 
 def measure(model: str, num_prompts: int, prune_prompts: int, seed: int) -> dict:
@@ -60,6 +62,8 @@ def model_card(model: str, result: dict) -> str:
     generation = json.loads((path / "generation.json").read_text())
     transformer = json.loads((path / "transformer" / "config.json").read_text())
     params = sum(t.numel() for t in load_pipeline(path).transformer.parameters())
+    # The trainer records its head count for every model now, so the width experiment's model is told by its width.
+    widened = transformer["num_attention_heads"] != TINY_ARCHITECTURES[training["arch"]]["num_attention_heads"]
     d = result["dense"]
     lines = [
         f"# {model}",
@@ -68,7 +72,7 @@ def model_card(model: str, result: dict) -> str:
         "dataset (32x32, one shape: 4 shapes x 6 colors x 5 positions x 2 sizes).",
         *(["It exists for one experiment: how much of the tiny world's sensitivity to pruning comes from its size",
            "(README, \"A twice-as-wide tiny model\"). The notebooks, tests and other benchmarks use tiny-sd3 and tiny-flux."]
-          if "num_attention_heads" in training else
+          if widened else
           ["It exists so that every notebook, test and benchmark of obsdiff_lite runs offline on a CPU through the real",
            "diffusers classes."]),
         "",
@@ -77,7 +81,7 @@ def model_card(model: str, result: dict) -> str:
         *([f"- width: {transformer['num_attention_heads']} heads x {transformer['attention_head_dim']} (hidden "
            f"{transformer['num_attention_heads'] * transformer['attention_head_dim']}); otherwise tiny-sd3's data, VAE, "
            "settings and step count (its learning-rate decay follows steps, tiny-sd3's followed wall-clock time); "
-           "`python benchmarks/run.py width` prunes both"] if "num_attention_heads" in training else []),
+           "`python benchmarks/run.py width` prunes both"] if widened else []),
         f"- {training['steps']:,} steps in {training['minutes']:.1f} min on one CPU thread, batch {training.get('batch_size')},"
         f" AdamW lr {training.get('lr')}, EMA {training.get('ema_decay')}, caption dropout {training.get('caption_dropout')},"
         f" seed {training.get('seed')}",

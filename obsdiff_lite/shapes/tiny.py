@@ -221,4 +221,4 @@ def build_pipeline(arch: str, vae=None, seed: int = 0, num_attention_heads: int 
         return builders[arch](vae=vae, seed=seed)
     if arch != "sd3":
         raise ValueError(f"num_attention_heads is only supported for the tiny sd3 architecture, not {arch!r}")
-    return build_sd3_pipeline(vae=vae, seed=seed, num_attention_heads=num_attention_heads)
+    return builders[arch](vae=vae, seed=seed, num_attention_heads=num_attention_heads)
