@@ -46,7 +46,7 @@ EVAL_PROMPTS, EVAL_SEED = 120, 0
 CALIB_PROMPTS = 16
 EXPERIMENTS = ("quality", "weighting", "packages", "calibration_size", "structured", "structured_parts",
                "structured_selection", "hessian_inputs", "paper_calibration", "refit", "weight_range", "solver_settings",
-               "robustness", "calibration_source", "block_sensitivity", "sparsity_ramp", "width")
+               "robustness", "calibration_source", "block_sensitivity", "sparsity_ramp", "width", "dense_targets")
 # Off-calibration sampling (robustness sweep): diffusers scheduler classes by sampler name.
 SAMPLERS = {"heun": "FlowMatchHeunDiscreteScheduler"}
 # Calibration prompts other than the tiny world's captions (calibration_source sweep), by name.
@@ -192,6 +192,12 @@ def experiment_runs(name: str) -> list[dict]:
                 seeds = (0,) if method == "magnitude" else range(5)
                 runs += [dict(model="tiny-sd3-wide", method=method, pattern=pattern, sparsity=sparsity, seed=s)
                          for s in seeds]
+    elif name == "dense_targets":  # beyond the paper: OBS reconstructs the dense model's outputs (paired with quality, refit)
+        for model in MODELS:
+            for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
+                for refit in (False, True):
+                    runs += [dict(model=model, method="obs-diff", pattern=pattern, sparsity=sparsity, seed=s,
+                                  dense_targets=True, **({"refit": True} if refit else {})) for s in range(5)]
     else:
         raise SystemExit(f"unknown experiment {name!r}")
     return runs

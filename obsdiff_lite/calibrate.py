@@ -9,6 +9,7 @@ per step, and skip-layer guidance adds more. The step weight is then an explicit
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ from torch import nn
 
 from .arch import ArchSpec, cfg_scale, reads_image_tokens_only
 from .distributed import allreduce_accumulators, rank_and_world, shard
-from .hessian import HessianAccumulator, all_finite
+from .hessian import DriftAccumulator, HessianAccumulator, all_finite
 from .pipelines import run_pipeline
 from .schedules import timestep_weights
 
@@ -113,14 +114,81 @@ def guided_inputs(arch: ArchSpec, call: dict, hessian_inputs: str) -> GuidedInpu
     return GuidedInputs(arch.cfg_layout, scale)
 
 
+class _DenseDone(Exception):
+    """Raised inside the dense copy's forward once its last needed block has run (the rest is not needed)."""
+
+
+@dataclass
+class DenseReference:
+    """A dense copy of the transformer, run on every call of the pruned one with the same arguments, whose target
+    layers' inputs become each layer's dense-target drift (beyond the paper; ``obs.dense_target_weights``).
+
+    Make it before anything is pruned: ``DenseReference(copy.deepcopy(pipe.transformer))``. It costs one more copy
+    of the transformer's weights, a forward of the copy up to the package's last block per call, and the copy's
+    inputs to the package's target layers while a call runs.
+    """
+
+    transformer: nn.Module
+    drifts: dict[str, DriftAccumulator] = field(default_factory=dict, repr=False)  # the last pass's, by target key
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the copy's, in the current call
+
+    def __post_init__(self) -> None:
+        self.transformer.requires_grad_(False).eval()
+
+    @contextmanager
+    def watch(self, pruned: nn.Module, groups: dict[str, nn.Linear], last_block: nn.Module | None = None):
+        """Within the block, every call of ``pruned`` first runs the dense copy on the same arguments (stopping after
+        the copy of ``last_block``) and fills ``inputs``: target key -> the dense copy's input to that layer in the
+        current call (taken by the caller's layer hooks)."""
+        names = {id(module): name for name, module in pruned.named_modules()}
+        handles = []
+
+        def capture(key: str):
+            def hook(module: nn.Module, args: tuple) -> None:
+                self.inputs[key] = args[0].detach()
+            return hook
+
+        def stop(*_) -> None:
+            raise _DenseDone
+
+        def run_dense(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self.inputs.clear()
+            with torch.no_grad():
+                try:
+                    self.transformer(*args, **kwargs)
+                except _DenseDone:
+                    pass
+
+        try:
+            for key, linear in groups.items():
+                if id(linear) not in names:
+                    raise ValueError(f"layer {key!r} is not part of the transformer being calibrated")
+                handles.append(self.transformer.get_submodule(names[id(linear)]).register_forward_pre_hook(capture(key)))
+            if last_block is not None:
+                handles.append(self.transformer.get_submodule(names[id(last_block)]).register_forward_hook(stop))
+            handles.append(pruned.register_forward_pre_hook(run_dense, with_kwargs=True))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            self.inputs.clear()
+
+
 @contextmanager
 def collect_hessians(transformer: nn.Module, arch: ArchSpec, groups: dict[str, nn.Linear], tracker: StepTracker,
                      hessian_device: torch.device | str | None = None, guided: GuidedInputs | None = None,
-                     track_mean: bool = False):
+                     track_mean: bool = False, dense: DenseReference | None = None,
+                     last_block: nn.Module | None = None):
     """Within the block, every forward of ``groups[key]`` adds its input (or, with ``guided``, the CFG-combined
-    input of both halves) to ``accumulators[key]`` (with ``track_mean`` also to its input mean, for DSnoT). Non-finite inputs raise (naming the layer) at the end of the
+    input of both halves) to ``accumulators[key]`` (with ``track_mean`` also to its input mean, for DSnoT). With
+    ``dense`` the drift from the dense copy's inputs goes into ``dense.drifts[key]`` (the copy runs up to its
+    ``last_block``, the block of the last target). Non-finite inputs raise (naming the layer) at the end of the
     transformer call that produced them, or on leaving the block."""
     accumulators: dict[str, HessianAccumulator] = {}
+    # The dense copy's CFG halves are combined like the pruned model's, with their own pending cond halves.
+    dense_guided = None if guided is None else GuidedInputs(guided.layout, guided.scale, guided.combine)
+    if dense is not None:
+        dense.drifts = {}
 
     def check_finite(*_) -> None:
         # Once per transformer call rather than per layer: on a GPU every check waits for the device.
@@ -134,6 +202,14 @@ def collect_hessians(transformer: nn.Module, arch: ArchSpec, groups: dict[str, n
     def make_hook(key: str, acc: HessianAccumulator):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0] if guided is None else guided(key, args[0])
+            if dense is not None:
+                if key not in dense.inputs:
+                    raise RuntimeError(f"the dense copy did not reach layer {key!r} in this call; dense targets need "
+                                       "the transformer to run the same layers on every call")
+                x_dense = dense.inputs.pop(key)
+                x_dense = x_dense if dense_guided is None else dense_guided(key, x_dense)
+                if x is not None:
+                    dense.drifts[key].add_batch(x_dense, x, tracker.weight)
             if x is not None:
                 acc.add_batch(x.reshape(-1, x.shape[-1]), tracker.weight, name=key, check_finite=False)
 
@@ -144,8 +220,11 @@ def collect_hessians(transformer: nn.Module, arch: ArchSpec, groups: dict[str, n
             device = hessian_device or linear.weight.device
             acc = HessianAccumulator(linear.in_features, device=device, name=key, track_mean=track_mean)
             accumulators[key] = acc
+            if dense is not None:
+                dense.drifts[key] = DriftAccumulator(linear.in_features, device=device, name=key)
             handles.append(linear.register_forward_pre_hook(make_hook(key, acc)))
-        yield accumulators
+        with dense.watch(transformer, groups, last_block) if dense is not None else contextlib.nullcontext():
+            yield accumulators
     finally:
         for h in handles:
             h.remove()
@@ -155,8 +234,10 @@ def collect_hessians(transformer: nn.Module, arch: ArchSpec, groups: dict[str, n
 def calibrate(pipe, arch: ArchSpec, groups: dict[str, nn.Linear], prompts: list[str], call: dict, *,
               weighting: str = "log-decrease", weight_range: tuple[float, float] = (0.8, 1.2), seed: int = 0,
               batch_size: int = 8, hessian_device=None, progress: bool = True, desc: str = "calibrating",
-              hessian_inputs: str = "plain", track_mean: bool = False) -> dict[str, HessianAccumulator]:
-    """One calibration pass of the full pipeline over ``prompts``: timestep-weighted Hessians per input group.
+              hessian_inputs: str = "plain", track_mean: bool = False, dense: DenseReference | None = None,
+              last_block: nn.Module | None = None) -> dict[str, HessianAccumulator]:
+    """One calibration pass of the full pipeline over ``prompts``: timestep-weighted Hessians per input group
+    (with ``dense``, also each group's drift from the dense copy, in ``dense.drifts``; see ``collect_hessians``).
 
     Under torch.distributed (world > 1) each rank runs only its shard of the prompts (global seeds
     kept) and the accumulators are all-reduced, so every rank returns the Hessians of all prompts.
@@ -165,7 +246,10 @@ def calibrate(pipe, arch: ArchSpec, groups: dict[str, nn.Linear], prompts: list[
     indexed = shard(prompts, rank, world) if world > 1 else list(enumerate(prompts))
     tracker = StepTracker(pipe.scheduler, arch.timestep_scale, weighting, weight_range)
     guided = guided_inputs(arch, call, hessian_inputs)
-    with collect_hessians(pipe.transformer, arch, groups, tracker, hessian_device, guided, track_mean) as accumulators:
+    if dense is not None and world > 1:
+        raise ValueError("dense targets are not sharded across ranks; run them in one process")
+    with collect_hessians(pipe.transformer, arch, groups, tracker, hessian_device, guided, track_mean, dense,
+                          last_block) as accumulators:
         # The latents are all we need: skipping the VAE decode saves time and changes nothing upstream.
         run_pipeline(pipe, [p for _, p in indexed], seed, call, batch_size, output_type="latent", progress=progress,
                      desc=desc, seeds=[seed + i for i, _ in indexed])

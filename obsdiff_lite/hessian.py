@@ -277,3 +277,48 @@ def wanda_input_norm(acc: HessianAccumulator) -> Tensor:
     if acc.weight_sum == 0.0:
         raise ValueError(f"no calibration activations were recorded{_layer(acc.name)}")
     return torch.sqrt(acc.act_sq_sum / acc.weight_sum)
+
+
+@dataclass
+class DriftAccumulator:
+    """Running timestep-weighted mean of 2 (x_dense - x) x^T: how far a layer's inputs x have drifted from the dense
+    model's x_dense on the same rows, correlated with x (beyond the paper; see ``obs.dense_target_weights``).
+
+    Normalised like ``HessianAccumulator`` (same alpha_t, same row weights), so H + drift = mean of 2 x_dense x^T.
+    """
+
+    in_features: int
+    device: torch.device | str = "cpu"
+    dtype: torch.dtype = torch.float32
+    name: str = ""
+    weight_sum: float = field(init=False, default=0.0)
+    num_rows: int = field(init=False, default=0)
+    drift: Tensor = field(init=False, repr=False)  # [d, d]: rows index x_dense - x, columns index x
+
+    def __post_init__(self) -> None:
+        """Validate the configuration and allocate zeroed state."""
+        if self.in_features < 1:
+            raise ValueError(f"in_features must be >= 1, got {self.in_features}")
+        self.device = torch.device(self.device)
+        self.drift = torch.zeros(self.in_features, self.in_features, dtype=self.dtype, device=self.device)
+
+    def add_batch(self, dense_inputs: Tensor, inputs: Tensor, timestep_weight: float = 1.0) -> None:
+        """Fold matching rows of the dense model's inputs and this model's inputs [..., d] into the running mean."""
+        if dense_inputs.shape != inputs.shape or inputs.shape[-1] != self.in_features:
+            raise ValueError(
+                f"dense and pruned activations{_layer(self.name)} must have the same shape [..., {self.in_features}], "
+                f"got {tuple(dense_inputs.shape)} and {tuple(inputs.shape)}: the dense copy saw another call"
+            )
+        alpha = float(timestep_weight)
+        if not math.isfinite(alpha) or alpha < 0:
+            raise ValueError(f"timestep_weight must be finite and >= 0, got {timestep_weight}")
+        x = inputs.detach().reshape(-1, self.in_features).to(self.dtype)
+        delta = dense_inputs.detach().reshape(-1, self.in_features).to(self.dtype) - x
+        rows = x.shape[0]
+        if rows == 0 or alpha == 0.0:
+            return
+        new_sum = self.weight_sum + alpha * rows
+        update = (delta.T @ x).to(self.device)
+        self.drift.mul_(self.weight_sum / new_sum).add_(update, alpha=2.0 * alpha / new_sum)
+        self.weight_sum = new_sum
+        self.num_rows += rows

@@ -129,6 +129,38 @@ def prepare_inverse_hessian(
     )
 
 
+def dense_target_weights(
+    weight: Tensor, hessian: Tensor, drift: Tensor, damp: float = 0.01, name: str = ""
+) -> tuple[Tensor, dict]:
+    """The dense weights moved to absorb upstream drift: W + W drift (H + damp)^-1 (beyond the paper; --dense-targets).
+
+    OBS-Diff's layer loss ||W x - W' x|| takes the layer's own (already drifted) inputs x as the target's inputs too,
+    so each layer repairs only its own pruning. Asking instead for the dense model's output, ||W x_dense - W' x||,
+    also repairs what earlier pruned layers changed in x. Its unconstrained minimiser solves W' H = W (H + drift)
+    with H = mean 2 x x^T and drift = mean 2 (x_dense - x) x^T; call it W~. The cross term vanishes at W~, so
+    ||W x_dense - W' x||^2 = ||W~ x - W' x||^2 + const for every W': OBS on W~ with the usual H minimises the
+    dense-target loss, with every mask and N:M pattern unchanged. Same damping (and retries) as the OBS solve;
+    with no drift W~ is W exactly.
+    """
+    if tuple(drift.shape) != tuple(hessian.shape) or weight.shape[1] != hessian.shape[0]:
+        raise ValueError(f"weight{_layer(name)} {tuple(weight.shape)}, Hessian {tuple(hessian.shape)} and drift "
+                         f"{tuple(drift.shape)} do not fit: need [out, d], [d, d], [d, d]")
+    work = torch.float64 if hessian.dtype == torch.float64 else torch.float32
+    device = weight.device
+    D = drift.detach().to(device, work)
+    if not bool(torch.isfinite(D).all()):
+        raise ValueError(f"input drift{_layer(name)} contains NaN/inf; check the dense copy's activations")
+    W = weight.detach().to(work)
+    correction = W @ D
+    if not bool(correction.any()):
+        return weight.clone(), {"dense_target_shift": 0.0}
+    U, _ = prepare_inverse_hessian(hessian.detach().to(device, work), damp=damp, name=name)
+    with ieee_fp32_matmul(device):
+        moved = W + (correction @ U.T) @ U  # (H + damp)^-1 = U^T U, U the upper Cholesky factor of the inverse
+    shift = float((moved - W).norm() / W.norm().clamp_min(torch.finfo(work).tiny))
+    return moved.to(weight.dtype), {"dense_target_shift": shift}
+
+
 def refit_kept_weights(
     original: Tensor, weight: Tensor, hessian: Tensor, keep: Tensor, max_iters: int = REFIT_ITERS,
     tol: float | None = None,

@@ -31,6 +31,10 @@ solve-phase transients do not really coexist):
   structured ones next to the Hessians. ``--refit`` adds one d x d buffer (the damped Hessian) and
   REFIT_WEIGHT_COPIES more weight-sized buffers (the conjugate-gradient state in ``obs.refit_kept_weights``).
 
+``--dense-targets`` adds a float32 drift matrix next to every Hessian (counted in the Hessian part), a
+copy of the transformer (model part), the copy's inputs to the package's target layers for one call
+(activations), and the moved weights of the group being solved (solve).
+
 Cached calibration adds the block-input cache (prompts x CFG calls x steps x tokens x hidden x bytes,
 twice while it is carried forward to the next package) on ``cache_device``.
 
@@ -321,7 +325,8 @@ def _num_units(transformer: nn.Module, config) -> int:
     return sum(len(block_units(all_blocks[i])) for i in parse_block_range(config.blocks, len(all_blocks)))
 
 
-def _solve_bytes(linears: list[nn.Linear], method: str, pattern: str, refit: bool = False) -> int:
+def _solve_bytes(linears: list[nn.Linear], method: str, pattern: str, refit: bool = False,
+                 dense_targets: bool = False) -> int:
     """Workspace of solving one group of linears (float32); unstructured/N:M groups share one Hessian."""
     structured = pattern == "structured"
     copies = STRUCTURED_HESSIAN_COPIES if structured else SOLVE_HESSIAN_COPIES
@@ -332,7 +337,8 @@ def _solve_bytes(linears: list[nn.Linear], method: str, pattern: str, refit: boo
             total += 2 * rows * cols * 4  # score matrix and the new weight
         else:
             hessians = (copies + refit) * cols * cols * 4 if structured or i == 0 else 0
-            total += hessians + (SOLVE_WEIGHT_COPIES + refit * REFIT_WEIGHT_COPIES) * rows * cols * 4
+            copies_w = SOLVE_WEIGHT_COPIES + refit * REFIT_WEIGHT_COPIES + dense_targets  # + the moved weights
+            total += hessians + copies_w * rows * cols * 4
     return total
 
 
@@ -390,16 +396,20 @@ def plan_memory(model, config, device="cpu", batch_size: int | None = None, num_
     packages = []
     for index, (block_ids, groups, solve_groups) in enumerate(_package_layers(transformer, config)):
         widths = [lin.in_features for lin in groups.values()] if needs_data else []
-        hessians = sum(d * d * HESSIAN_BYTES for d in widths)
+        dense = bool(getattr(config, "dense_targets", False)) and needs_data
+        hessians = sum(d * d * HESSIAN_BYTES for d in widths) * (2 if dense else 1)  # + one drift per Hessian
         d_max = max(widths, default=0)
         rows = batch * cfg_batch * tokens
         activations = 0
         if needs_data:
             activations = rows * hidden * nbytes * ACTIVATION_FACTOR + rows * d_max * 4 + d_max * d_max * 4
             activations += _pending_guided_bytes(arch_spec, groups, config.hessian_inputs, call, batch * tokens, nbytes)
-        solve = max((_solve_bytes(g, config.method, config.pattern, config.refit) for g in solve_groups), default=0)
+            activations += rows * sum(widths) * nbytes if dense else 0  # the dense copy's inputs, one call
+        solve = max((_solve_bytes(g, config.method, config.pattern, config.refit, dense) for g in solve_groups),
+                    default=0)
         solve_dev = hess_dev if structured else compute
-        by_device = {compute: model_bytes + activations}
+        dense_copy = module_bytes(transformer, dtype) if dense else 0
+        by_device = {compute: model_bytes + dense_copy + activations}
         for dev, amount in ((hess_dev, hessians), (solve_dev, solve), (cache_dev, cache)):
             by_device[dev] = by_device.get(dev, 0) + amount
         packages.append(PackageMemory(index, block_ids, len(widths), hessians, d_max, activations, solve, cache,

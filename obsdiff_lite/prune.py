@@ -10,6 +10,7 @@ already-pruned earlier ones.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import platform
@@ -26,10 +27,10 @@ from tqdm.auto import tqdm
 
 from .arch import Block, arch_for_transformer, block_units, blocks, get_linear, parse_block_range
 from .baselines import dsnot_prune, magnitude_prune, wanda_prune
-from .calibrate import HESSIAN_INPUTS, calibrate
+from .calibrate import HESSIAN_INPUTS, DenseReference, calibrate
 from .distributed import all_equal, broadcast_module_, rank_and_world
 from .hessian import input_variance, wanda_input_norm
-from .obs import REFIT_ITERS, check_sparsity_args, parse_pattern, sparsify_weights
+from .obs import REFIT_ITERS, check_sparsity_args, dense_target_weights, parse_pattern, sparsify_weights
 from .pipelines import pipeline_call
 from .schedules import WEIGHTINGS
 
@@ -76,6 +77,7 @@ class PruneConfig:
     refit: bool = False  # beyond the paper: least-squares re-fit of the kept weights after OBS (obs.refit_kept_weights)
     sparsity_ramp: float = 0.0  # beyond the paper: unstructured sparsity from s - ramp (first block) to s + ramp (last)
     block_sparsity: list[float] | None = None  # beyond the paper: one unstructured sparsity per selected block (sparsity=None)
+    dense_targets: bool = False  # beyond the paper: OBS targets the dense model's layer outputs (obs.dense_target_weights)
 
     def validate(self) -> None:
         """Refuse impossible settings with one readable line each."""
@@ -96,6 +98,8 @@ class PruneConfig:
                              "remove the same share in every block")
         if self.block_sparsity is not None:
             self._validate_block_sparsity()
+        if self.dense_targets:
+            self._validate_dense_targets()
         if self.refit and self.pattern == "structured":
             raise ValueError("--refit applies to unstructured and N:M pruning; structured OBS already solves its kept "
                              "weights exactly")
@@ -145,6 +149,16 @@ class PruneConfig:
         values = list(self.block_sparsity)
         if not values or not all(isinstance(v, (int, float)) and 0.0 <= float(v) < 1.0 for v in values):
             raise ValueError(f"--block-sparsity needs one value in [0, 1) per selected block, got {values}")
+
+    def _validate_dense_targets(self) -> None:
+        """Dense targets move the weights that OBS then prunes: OBS methods, unstructured or N:M, exact calibration."""
+        if self.method not in ("obs-diff", "sparsegpt"):
+            raise ValueError(f"--dense-targets changes the weights OBS compensates towards; method {self.method} has "
+                             "no OBS update (use obs-diff or sparsegpt)")
+        if self.pattern == "structured":
+            raise ValueError("--dense-targets applies to unstructured and N:M pruning")
+        if self.calibration != "exact":
+            raise ValueError("--dense-targets runs a dense copy next to every calibration pass; use --calibration exact")
 
     def _validate_common(self) -> None:
         """Settings shared by every pattern."""
@@ -293,13 +307,19 @@ def _peak_memory_bytes(device: torch.device) -> int:
 
 
 def _prune_group(linears: list[tuple[str, nn.Linear]], config: PruneConfig, sparsity: float, n: int, m: int,
-                 acc) -> dict[str, dict]:
+                 acc, drift=None) -> dict[str, dict]:
     """Prune the linears of one input group in place to ``sparsity`` (0 for N:M, which implies its own) by the
     configured method; return their per-layer records.
 
-    OBS methods solve the group in one call (one shared Hessian: one Cholesky factor, one column loop).
+    OBS methods solve the group in one call (one shared Hessian: one Cholesky factor, one column loop). With a
+    ``drift`` (a DriftAccumulator, --dense-targets) the weights are first moved to absorb the drift of their inputs.
     """
     weights = [linear.weight.data for _, linear in linears]
+    shifts = [{} for _ in weights]
+    if drift is not None:
+        moved = [dense_target_weights(w, acc.hessian, drift.drift, config.damp, name=name)
+                 for w, (name, _) in zip(weights, linears)]
+        weights, shifts = [w for w, _ in moved], [info for _, info in moved]
     refit_iters = REFIT_ITERS if config.refit else 0
     if config.method == "magnitude":
         results = [(*magnitude_prune(w, sparsity, n, m), {}) for w in weights]
@@ -320,9 +340,10 @@ def _prune_group(linears: list[tuple[str, nn.Linear]], config: PruneConfig, spar
                                    keep_masks=[keep for _, keep, _ in results], names=[name for name, _ in linears],
                                    refit_iters=refit_iters)
     records = {}
-    for (name, linear), (new, _, stats) in zip(linears, results):
+    for (name, linear), (new, _, stats), shift in zip(linears, results, shifts):
         linear.weight.data.copy_(new.to(linear.weight.dtype))
         record = {"shape": list(linear.weight.shape), "sparsity": float((linear.weight.data == 0).float().mean())}
+        record.update(shift)
         record.update({k: (float(v) if isinstance(v, (int, float)) else v) for k, v in stats.items() if k != "sparsity"})
         records[name] = record
     return records
@@ -340,6 +361,8 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
     world = rank_and_world()[1]
     if world > 1 and config.calibration == "cached":
         raise ValueError("--calibration cached is not sharded across ranks; run it in one process or use exact")
+    if world > 1 and config.dense_targets:
+        raise ValueError("--dense-targets is not sharded across ranks; run it in one process")
     if check_memory:
         from .plan import check_memory as check
 
@@ -381,12 +404,16 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
     track_mean = config.method == "dsnot"  # only DSnoT reads the input means
     package_targets = [[t for unit in package for t in unit] for package in packages]
 
+    # --dense-targets: a copy of the transformer as it is now, before any pruning, runs next to every calibration pass.
+    dense = DenseReference(copy.deepcopy(transformer)) if config.dense_targets and needs_data else None
+
     def prune_package(p: int, accumulators: dict) -> None:
         t0 = time.perf_counter()
         for t in package_targets[p]:
             group = t.linears()
             sparsity = block_sparsity[t.block.name]
-            for name, record in _prune_group(group, config, sparsity, n, m, accumulators.get(t.key)).items():
+            drift = dense.drifts.get(t.key) if dense is not None else None
+            for name, record in _prune_group(group, config, sparsity, n, m, accumulators.get(t.key), drift).items():
                 layers[name] = record | {"package": p}
             for _, linear in group:
                 broadcast_module_(linear)  # no-op in one process; ranks stay identical under torchrun
@@ -415,10 +442,13 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
                     pipe, arch, groups, prompts, call, weighting=config.effective_weighting,
                     weight_range=tuple(config.weight_range), seed=config.seed, batch_size=config.batch_size,
                     hessian_device=config.hessian_device, progress=progress, desc=f"package {p + 1}/{len(packages)}",
-                    hessian_inputs=config.hessian_inputs, track_mean=track_mean,
+                    hessian_inputs=config.hessian_inputs, track_mean=track_mean, dense=dense,
+                    last_block=package_targets[p][-1].block.module,
                 )
                 timings["calibration_s"] += time.perf_counter() - t0
             prune_package(p, accumulators)
+    if dense is not None:
+        dense.drifts.clear()
     timings["total_s"] = time.perf_counter() - start
     if cache_stats is not None:
         timings["calibration_s"] = timings["total_s"] - timings["solve_s"]

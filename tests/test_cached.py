@@ -86,10 +86,10 @@ def test_propagated_hessians_equal_exact_ones_when_nothing_changes(random_dir, m
     seen: dict[str, dict[str, torch.Tensor]] = {"exact": {}, "cached": {}}
     original = prune_module._prune_group
 
-    def recording(linears, config, sparsity, n, m, acc):
+    def recording(linears, config, sparsity, n, m, acc, *rest):
         for name, _ in linears:
             seen[config.calibration][name] = acc.hessian.clone()
-        return original(linears, config, sparsity, n, m, acc)
+        return original(linears, config, sparsity, n, m, acc, *rest)
 
     monkeypatch.setattr(prune_module, "_prune_group", recording)
     for mode in ("exact", "cached"):

@@ -49,6 +49,15 @@ def test_refit_flag_reaches_the_solver(random_flux_dir, tmp_path):
     assert all(v["recon_error"] <= v["recon_error_obs"] * (1 + 1e-6) for v in info["layers"].values())
 
 
+def test_dense_targets_flag_moves_the_later_packages(random_flux_dir, tmp_path):
+    out = tmp_path / "dense-targets"
+    assert main(["prune", str(random_flux_dir), "--output", str(out), "--packages", "2", "--dense-targets", *FAST]) == 0
+    info = json.loads((out / "obsdiff.json").read_text())
+    assert info["config"]["dense_targets"] is True
+    shifts = [[v["dense_target_shift"] for v in info["layers"].values() if v["package"] == p] for p in (0, 1)]
+    assert not any(shifts[0]) and all(s > 0 for s in shifts[1])
+
+
 def test_block_sparsity_flag_sets_each_block(random_flux_dir, tmp_path):
     out = tmp_path / "per-block"
     values = "0.3,0.4,0.5,0.6,0.6,0.7"  # the random tiny Flux: 2 double-stream + 4 single-stream blocks
@@ -88,6 +97,8 @@ def _bad_cases(model, tmp_path):
         "output not empty": (["prune", model, "--output", str(nonempty)], "--overwrite"),
         "N:M with other sparsity": (["prune", model, "--output", out, "--pattern", "2:4", "--sparsity", "0.3"], "implies"),
         "refit of structured": (["prune", model, "--output", out, "--pattern", "structured", "--refit"], "--refit"),
+        "dense targets of wanda": (["prune", model, "--output", out, "--method", "wanda", "--dense-targets"],
+                                   "no OBS update"),
         "block size zero": (["prune", model, "--output", out, "--block-size", "0"], "block_size"),
         "ramp too steep": (["prune", model, "--output", out, "--sparsity-ramp", "0.6"], "smaller ramp"),
         "block sparsity not numbers": (["prune", model, "--output", out, "--block-sparsity", "0.3,x"], "comma-separated"),

@@ -255,6 +255,9 @@ def test_block_sparsity_sets_each_block_and_equal_values_are_the_uniform_run(ran
         (dict(sparsity=None, sparsity_ramp=0.1, block_sparsity=[0.5] * 6), "replaces --sparsity"),
         (dict(pattern="2:4", sparsity=None, block_sparsity=[0.5] * 6), "N:M and structured"),
         (dict(weight_range=(0.8, float("inf"))), "finite 0 <= MIN <= MAX"),
+        (dict(method="wanda", dense_targets=True), "no OBS update"),
+        (dict(pattern="structured", sparsity=0.25, dense_targets=True), "unstructured and N:M"),
+        (dict(calibration="cached", dense_targets=True), "--calibration exact"),
     ],
 )
 def test_bad_config_is_refused_before_work(random_sd3_dir, kwargs, match):
@@ -295,10 +298,10 @@ def test_guided_hessians_end_to_end(random_dir, caplog, monkeypatch):
     rows: dict[str, dict[str, int]] = {"plain": {}, "guided": {}}
     original = prune_module._prune_group
 
-    def recording(linears, config, sparsity, n, m, acc):
+    def recording(linears, config, sparsity, n, m, acc, *rest):
         for name, _ in linears:
             rows[config.hessian_inputs][name] = acc.num_rows
-        return original(linears, config, sparsity, n, m, acc)
+        return original(linears, config, sparsity, n, m, acc, *rest)
 
     monkeypatch.setattr(prune_module, "_prune_group", recording)
     weights = {}
@@ -426,3 +429,72 @@ def test_refit_of_a_baseline_keeps_its_mask_and_solves_its_weights(random_sd3_di
         assert not torch.equal(linear.weight, before), name
         layer = report["layers"][name]
         assert layer["recon_error"] <= layer["recon_error_obs"] * (1 + 1e-6) and layer["refit_iters"] > 0
+
+
+def test_dense_reference_drift_equals_closed_form_and_stops_after_the_last_block(random_sd3_dir):
+    """With block 0 changed after the dense copy was made, the drift a later layer records equals
+    2 sum_t a_t (X_dense - X)^T X / sum_t a_t rows_t from the inputs both models' layers saw; the copy stops early."""
+    import copy
+
+    from obsdiff_lite.calibrate import DenseReference
+
+    pipe = load_pipeline(random_sd3_dir)
+    arch = arch_for_transformer(pipe.transformer)
+    dense = DenseReference(copy.deepcopy(pipe.transformer))
+    with torch.no_grad():
+        pipe.transformer.transformer_blocks[0].ff.net[2].weight[:, ::2] = 0.0  # "prune" block 0
+    linear = pipe.transformer.transformer_blocks[2].attn.to_q
+    call = call_kwargs(pipe.obsdiff_generation) | {"num_inference_steps": 3}
+    prompts = ["a small blue cross in the center", "a large green square at the top right"]
+    tracker = StepTracker(pipe.scheduler, arch.timestep_scale)
+    recorded, dense_recorded, later_calls = [], [], []
+    hooks = [pipe.transformer.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True),
+             linear.register_forward_pre_hook(lambda m, a: recorded.append((tracker.step_index, a[0].double()))),
+             dense.transformer.transformer_blocks[2].attn.to_q.register_forward_pre_hook(
+                 lambda m, a: dense_recorded.append(a[0].double())),
+             dense.transformer.transformer_blocks[3].register_forward_pre_hook(lambda m, a: later_calls.append(1))]
+    try:
+        run_pipeline(pipe, prompts, 0, call, batch_size=2, output_type="latent", progress=False)  # the dense copy idle
+        assert not dense_recorded
+        recorded.clear()
+        calibrate(pipe, arch, {"q": linear}, prompts, call, weighting="log-decrease", batch_size=2, progress=False,
+                  dense=dense, last_block=pipe.transformer.transformer_blocks[2])
+    finally:
+        for h in hooks:
+            h.remove()
+    drift = dense.drifts["q"].drift.double()
+    alpha = timestep_weights("log-decrease", 3)
+    rows = [(i, x.reshape(-1, x.shape[-1]), xd.reshape(-1, x.shape[-1])) for (i, x), xd in zip(recorded, dense_recorded)]
+    expected = sum(alpha[i] * 2 * (xd - x).T @ x for i, x, xd in rows) / sum(alpha[i] * x.shape[0] for i, x, _ in rows)
+    assert len(recorded) == len(dense_recorded) == 3 and not later_calls  # one copy call per call, stopped at block 2
+    assert expected.abs().max() > 1e-3  # block 0's change reached block 2
+    assert torch.allclose(drift, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    assert not pipe.transformer._forward_pre_hooks and not dense.transformer.transformer_blocks[2]._forward_hooks
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_dense_targets_change_only_the_packages_after_the_first(random_dir, pattern):
+    """Package 1 sees the dense model's own inputs (no drift): bit-identical to OBS-Diff. Later packages move their
+    weights towards the dense outputs before OBS, with the same sparsity or N:M pattern; no hook is left behind."""
+    sparsity = 0.5 if pattern == "unstructured" else None
+    config = dict(pattern=pattern, sparsity=sparsity, packages=2, **FAST)
+    plain, dense = load_pipeline(random_dir), load_pipeline(random_dir)
+    plain_report = prune(plain, PruneConfig(**config), progress=False)
+    report = prune(dense, PruneConfig(dense_targets=True, **config), progress=False)
+    targets, plain_targets = _targets(dense), _targets(plain)
+    for name, linear in targets.items():
+        layer = report["layers"][name]
+        same = torch.equal(linear.weight, plain_targets[name].weight)
+        assert same == (layer["package"] == 0) == (layer["dense_target_shift"] == 0.0), name
+        assert layer["sparsity"] == pytest.approx(plain_report["layers"][name]["sparsity"], abs=1e-9), name
+    assert report["config"]["dense_targets"] is True
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in dense.transformer.modules())
+
+
+def test_dense_targets_with_one_package_are_obs_diff_bit_for_bit(random_sd3_dir):
+    config = dict(pattern="2:4", sparsity=None, packages=1, **FAST)
+    plain, dense = load_pipeline(random_sd3_dir), load_pipeline(random_sd3_dir)
+    prune(plain, PruneConfig(**config), progress=False)
+    prune(dense, PruneConfig(dense_targets=True, **config), progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(plain.transformer.state_dict().values(),
+                                                 dense.transformer.state_dict().values()))

@@ -263,3 +263,33 @@ def test_gram_upper_products_counts_what_add_gram_upper_computes(width):
     target = torch.full((width, width), float("nan"))
     add_gram_upper_(target, torch.ones(1, width), beta=0.0, alpha=1.0, block=gram_block_size(width))
     assert gram_upper_products(width) == int(torch.isfinite(target).sum())
+
+
+def test_drift_accumulation_matches_closed_form():
+    """drift = 2 sum_t a_t (X_dense - X)^T X / sum_t a_t rows_t over batches of different step weights."""
+    from obsdiff_lite.hessian import DriftAccumulator
+
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(5, 7, 6, generator=g, dtype=torch.float64), a) for a in (1.2, 0.9, 0.8)]
+    dense = [(x + 0.3 * torch.randn(x.shape, generator=g, dtype=torch.float64), a) for x, a in batches]
+    acc = DriftAccumulator(6, dtype=torch.float64)
+    for (x, a), (xd, _) in zip(batches, dense):
+        acc.add_batch(xd, x, a)
+    num = sum(a * 2 * (xd - x).reshape(-1, 6).T @ x.reshape(-1, 6) for (x, a), (xd, _) in zip(batches, dense))
+    den = sum(a * 35 for _, a in batches)
+    assert torch.allclose(acc.drift, num / den, rtol=1e-12, atol=1e-12)
+    assert acc.num_rows == 105 and acc.weight_sum == pytest.approx(den)
+    # The same inputs on both sides: no drift at all, exactly.
+    same = DriftAccumulator(6, dtype=torch.float64)
+    same.add_batch(batches[0][0], batches[0][0], 1.0)
+    assert not same.drift.any()
+
+
+def test_drift_refuses_mismatched_rows_and_bad_weights():
+    from obsdiff_lite.hessian import DriftAccumulator
+
+    acc = DriftAccumulator(4, name="blocks.0.ff")
+    with pytest.raises(ValueError, match="same shape.*blocks.0.ff|blocks.0.ff.*same shape"):
+        acc.add_batch(torch.zeros(3, 4), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="timestep_weight"):
+        acc.add_batch(torch.zeros(3, 4), torch.zeros(3, 4), float("nan"))

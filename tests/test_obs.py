@@ -426,3 +426,59 @@ def test_a_refit_that_would_raise_the_layer_error_keeps_the_obs_weights(monkeypa
     assert torch.equal(wa, plain[0][0]) and sa["refit_kept_start"] and sa["recon_error"] == sa["recon_error_obs"]
     assert not sb["refit_kept_start"] and sb["recon_error"] < plain[1][2]["recon_error"]
     assert torch.equal(ka, plain[0][1]) and torch.equal(kb, plain[1][1])
+
+
+def _drift_problem(seed=0, out=6, d=12, n=400, shift=0.5):
+    """Pruned-model inputs X, dense-model inputs X_dense = X + correlated drift, H and drift as the hooks make them."""
+    g = torch.Generator().manual_seed(seed)
+    W, X, H = _problem(out=out, d=d, n=n, seed=seed)
+    X_dense = X @ (torch.eye(d, dtype=torch.float64) + shift * torch.randn(d, d, generator=g, dtype=torch.float64) / d**0.5)
+    X_dense = X_dense + shift * torch.randn(n, d, generator=g, dtype=torch.float64)
+    return W, X, X_dense, H, 2 * (X_dense - X).T @ X / n
+
+
+def _dense_loss(W, W_new, X, X_dense):
+    """Mean over rows of ||W x_dense - W_new x||^2: the dense-target layer loss."""
+    return float((X_dense @ W.T - X @ W_new.T).pow(2).sum() / X.shape[0])
+
+
+def test_dense_target_weights_are_the_least_squares_fit_to_the_dense_outputs():
+    from obsdiff_lite.obs import dense_target_weights
+
+    W, X, X_dense, H, drift = _drift_problem()
+    moved, info = dense_target_weights(W, H, drift, damp=0.0)
+    expected = torch.linalg.lstsq(X, X_dense @ W.T).solution.T
+    assert torch.allclose(moved, expected, rtol=1e-8, atol=1e-8)
+    assert info["dense_target_shift"] == pytest.approx(float((expected - W).norm() / W.norm()), rel=1e-6)
+    # The cross term vanishes at the fit: for any W', dense loss = ||(moved - W') x||^2 + the same constant.
+    g = torch.Generator().manual_seed(1)
+    gaps = [_dense_loss(W, Wp, X, X_dense) - _out_err(moved, Wp, X)
+            for Wp in (torch.zeros_like(W), W, torch.randn(W.shape, generator=g, dtype=torch.float64))]
+    assert max(gaps) - min(gaps) < 1e-8 * max(abs(v) for v in gaps)
+
+
+def test_dense_target_weights_without_drift_are_the_weights_exactly():
+    from obsdiff_lite.obs import dense_target_weights
+
+    W, _, H = _problem(dtype=torch.float32)
+    moved, info = dense_target_weights(W, H, torch.zeros_like(H))
+    assert torch.equal(moved, W) and moved is not W and info["dense_target_shift"] == 0.0
+    with pytest.raises(ValueError, match="do not fit"):
+        dense_target_weights(W, H, torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="NaN/inf"):
+        dense_target_weights(W, H, torch.full_like(H, float("nan")))
+
+
+@pytest.mark.parametrize("pattern", [(0.5, 0, 0), (0.5, 2, 4)])
+def test_obs_on_dense_targets_lowers_the_dense_target_loss(pattern):
+    """OBS on the moved weights (same H) beats OBS on the original weights at reproducing the dense outputs."""
+    from obsdiff_lite.obs import dense_target_weights
+
+    sparsity, n, m = pattern
+    for seed in range(3):
+        W, X, X_dense, H, drift = _drift_problem(seed=seed)
+        plain = sparsify_weight(W, H, sparsity, n, m)[0]
+        moved, _ = dense_target_weights(W, H, drift)
+        dense = sparsify_weight(moved, H, sparsity, n, m)[0]
+        assert (dense == 0).sum() == (plain == 0).sum()
+        assert _dense_loss(W, dense, X, X_dense) < 0.8 * _dense_loss(W, plain, X, X_dense), seed

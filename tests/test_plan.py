@@ -72,7 +72,8 @@ def _measured_peak(pipe, config) -> int:
     ("sd3", dict(packages=2)),
     ("flux", dict(pattern="structured", sparsity=0.3, packages=2)),
     ("sd3", dict(pattern="2:4", sparsity=None, packages=1, refit=True)),
-], ids=["sd3-unstructured", "flux-structured", "sd3-2:4-refit"])
+    ("flux", dict(packages=2, dense_targets=True)),
+], ids=["sd3-unstructured", "flux-structured", "sd3-2:4-refit", "flux-dense-targets"])
 def test_estimate_bounds_the_measured_peak(random_sd3_dir, random_flux_dir, model, settings):
     """Estimate / (model bytes + measured peak during prune) lies in TINY_BAND (seen: 0.98 .. 1.30).
 
@@ -189,3 +190,14 @@ def test_guided_hessians_with_two_cfg_calls_plan_the_waiting_inputs(random_flux_
     sd3 = load_pipeline(random_sd3_dir)
     assert plan_memory(sd3, PruneConfig(hessian_inputs="guided", **FAST)).peak_bytes() == \
         plan_memory(sd3, PruneConfig(**FAST)).peak_bytes()
+
+
+def test_dense_targets_plan_a_transformer_copy_and_a_drift_per_hessian():
+    from obsdiff_lite.plan import load_plan_model, module_bytes
+
+    plain, dense = (plan_for("sd3-medium", PruneConfig(packages=4, dense_targets=d), device="cuda", dtype="float16")
+                    for d in (False, True))
+    transformer, _ = load_plan_model("sd3-medium")
+    for p, d in zip(plain.packages, dense.packages):
+        assert d.hessian_bytes == 2 * p.hessian_bytes
+        assert d.by_device["cuda"] - p.by_device["cuda"] >= module_bytes(transformer, torch.float16) + p.hessian_bytes
