@@ -335,6 +335,37 @@ def render_refit() -> str:
     return "\n".join(lines)
 
 
+def render_dense_targets() -> str:
+    """OBS-Diff with the dense model's layer outputs as targets (beyond the paper), with and without the re-fit."""
+    rows = _rows("dense_targets")
+    if not rows:
+        return "_not measured yet: run `python benchmarks/run.py dense_targets`_"
+    dense = _load("quality").get("dense", {})
+    quality, refit = _rows("quality"), _rows("refit")
+    lines = ["| model | pattern | re-fit | OBS-Diff | + dense targets | difference | PSNR to dense (dB): OBS-Diff / "
+             "+ dense targets | share of dense: OBS-Diff / + dense targets |", "|---" * 8 + "|"]
+    for model in MODELS_ORDER:
+        for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
+            for with_refit in (False, True):
+                setting = dict(model=model, method="obs-diff", pattern=pattern, sparsity=sparsity)
+                extra = {"refit": True} if with_refit else {}
+                base = _find_exact(refit if with_refit else quality, **setting, **extra)
+                new = _find_exact(rows, **setting, dense_targets=True, **extra)
+                if not base or not new:
+                    continue
+                lines.append(f"| {model} | {_pattern_label(pattern, sparsity)} | {'yes' if with_refit else 'no'} | "
+                             f"{_cell(base['full'])} | {_cell(new['full'])} | {_fmt(compare(new, base))} | "
+                             f"{base['psnr']['mean']:.1f} / {new['psnr']['mean']:.1f} | "
+                             f"{_shares(dense.get(model, {}).get('full'), base, new)} |")
+    seeds = max(len(r["seeds"]) for r in rows)
+    lines.append("")
+    lines.append(f"Full adherence, mean ± 95% interval over {seeds} calibration seeds, differences paired over the same "
+                 "seeds and evaluation prompts; 16 calibration prompts, 4 packages. The OBS-Diff column is the quality "
+                 "table's row (re-fit: the re-fit table's); the dense-target runs change nothing else. "
+                 "`python benchmarks/run.py dense_targets`.")
+    return "\n".join(lines)
+
+
 STRONG = [0.1, 1.9]  # the widest weight range of the weight_range sweep
 
 
@@ -1089,7 +1120,7 @@ def render_provenance() -> str:
     return "Sweeps and the commit their runs ran at: " + "; ".join(cells) + "." if cells else "_no sweeps yet_"
 
 
-RENDERERS = {"provenance": render_provenance, "claims": render_claims, "gpu": render_gpu, "structured_selection": render_structured_selection, "head_diagnosis": render_head_diagnosis, "hessian_inputs": render_hessian_inputs, "refit": render_refit, "refit_masks": render_refit_masks, "weight_range": render_weight_range,
+RENDERERS = {"provenance": render_provenance, "claims": render_claims, "gpu": render_gpu, "structured_selection": render_structured_selection, "head_diagnosis": render_head_diagnosis, "hessian_inputs": render_hessian_inputs, "refit": render_refit, "dense_targets": render_dense_targets, "refit_masks": render_refit_masks, "weight_range": render_weight_range,
              "solver_settings": render_solver_settings, "robustness": render_robustness,
              "calibration_source": render_calibration_source, "block_sensitivity": render_block_sensitivity,
              "sparsity_ramp": render_sparsity_ramp, "width": render_width, "cached_projection": render_cached_projection, "structured_parts": render_structured_parts,
