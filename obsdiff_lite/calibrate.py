@@ -5,6 +5,10 @@ kwargs) and mapped to the nearest entry of ``scheduler.timesteps`` — never fro
 batches the conditional and unconditional halves into one call, Flux with true CFG makes two calls
 per step, and skip-layer guidance adds more. The step weight is then an explicit argument of
 ``HessianAccumulator.add_batch``.
+
+``DenseReference`` (beyond the paper; ``--dense-targets``) runs a dense copy of the transformer on the
+same arguments before every call and records how far each target layer's inputs have drifted from the
+dense model's (``hessian.DriftAccumulator``).
 """
 
 from __future__ import annotations

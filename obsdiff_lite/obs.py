@@ -18,6 +18,11 @@ weights kept in it stay as they were when the later columns were pruned. So for
 the mask it chooses, its weights are not the least-squares optimum. `refit_kept_weights`
 (beyond the paper; `--refit`) solves that optimum, with the mask fixed, by
 conjugate gradients over all rows at once.
+
+The layer loss takes the layer's own inputs as the target's inputs too, so each layer
+repairs only its own pruning. `dense_target_weights` (beyond the paper; `--dense-targets`)
+moves W to the least-squares fit of the dense model's outputs from the pruned model's
+inputs; OBS on the moved weights with the usual H then minimises ||W x_dense - W' x||.
 """
 from __future__ import annotations
 
