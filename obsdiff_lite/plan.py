@@ -115,6 +115,7 @@ class Plan:
     hidden: int
     model_bytes: int
     packages: list[PackageMemory]
+    dense_copy_bytes: int = 0  # --dense-targets: the dense copy of the transformer (in every package's total)
 
     def peak_bytes(self, device: str | None = None) -> int:
         """The largest package total on ``device`` (a device type; default: the compute device)."""
@@ -140,6 +141,9 @@ class Plan:
             f"{self.text_tokens} text tokens, {self.dtype} on {self.device}, Hessians on {self.hessian_device}",
             f"model (all pipeline components, {self.dtype}): {self.model_bytes / scale:.2f} {unit}",
         ]
+        if self.dense_copy_bytes:
+            lines.append(f"dense copy of the transformer (--dense-targets, in every total): "
+                         f"{self.dense_copy_bytes / scale:.2f} {unit}; drifts in the Hessian column")
         other = [d for d in self.devices if d != dev]
         header = f"{'package':>7}  {'blocks':>7}  {'#Hessians':>9}  {'Hessian ' + unit:>10}  {'activ. ' + unit:>9}  " \
                  f"{'solve ' + unit:>8}  " + (f"cache {unit}  " if self.calibration == "cached" else "") + \
@@ -419,6 +423,7 @@ def plan_memory(model, config, device="cpu", batch_size: int | None = None, num_
         dtype=str(dtype).removeprefix("torch."), hessian_device=str(config.hessian_device or device),
         cache_device=str(config.cache_device or device), batch_size=batch, cfg=cfg_batch * calls_per_step,
         image_tokens=n_image, text_tokens=n_text, hidden=hidden, model_bytes=model_bytes, packages=packages,
+        dense_copy_bytes=module_bytes(transformer, dtype) if getattr(config, "dense_targets", False) and needs_data else 0,
     )
 
 

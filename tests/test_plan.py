@@ -198,6 +198,9 @@ def test_dense_targets_plan_a_transformer_copy_and_a_drift_per_hessian():
     plain, dense = (plan_for("sd3-medium", PruneConfig(packages=4, dense_targets=d), device="cuda", dtype="float16")
                     for d in (False, True))
     transformer, _ = load_plan_model("sd3-medium")
+    copy = module_bytes(transformer, torch.float16)
     for p, d in zip(plain.packages, dense.packages):
         assert d.hessian_bytes == 2 * p.hessian_bytes
-        assert d.by_device["cuda"] - p.by_device["cuda"] >= module_bytes(transformer, torch.float16) + p.hessian_bytes
+        assert d.by_device["cuda"] - p.by_device["cuda"] >= copy + p.hessian_bytes
+    assert (plain.dense_copy_bytes, dense.dense_copy_bytes) == (0, copy)
+    assert "dense copy of the transformer" in dense.table() and "dense copy" not in plain.table()
