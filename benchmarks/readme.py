@@ -597,14 +597,17 @@ WIDTH_PATTERNS = [("unstructured", 0.5), ("unstructured", 0.6), ("unstructured",
 
 
 def render_width() -> str:
-    """tiny-sd3 against tiny-sd3-wide (same recipe and steps, twice the hidden width) under the same pruning."""
+    """tiny-sd3 against tiny-sd3-mid and tiny-sd3-wide (same recipe and steps, 1.5x and 2x the hidden width) under
+    the same pruning."""
     width, quality = _rows("width"), _rows("quality")
     if not width:
         return "_not measured yet: run `python benchmarks/run.py width`_"
     dense = _load("width")["dense"]
     head = [_pattern_label(p, s) for p, s in WIDTH_PATTERNS]
     lines = ["| model | method | " + " | ".join(head) + " |", "|---" * (len(head) + 2) + "|"]
-    for model, rows in (("tiny-sd3", quality), ("tiny-sd3-wide", width)):
+    for model, rows in (("tiny-sd3", quality), ("tiny-sd3-mid", width), ("tiny-sd3-wide", width)):
+        if model not in dense:
+            continue
         config = json.loads((ROOT / "data" / model / "transformer" / "config.json").read_text())
         hidden = config["num_attention_heads"] * config["attention_head_dim"]
         d = dense[model]["full"]

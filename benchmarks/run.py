@@ -185,13 +185,15 @@ def experiment_runs(name: str) -> list[dict]:
                 # with the least-squares re-fit (paired with the refit sweep's runs at uniform sparsity)
                 runs += [dict(model=model, method="obs-diff", pattern="unstructured", sparsity=sparsity, seed=s,
                               sparsity_ramp=0.1, refit=True) for s in range(5)]
-    elif name == "width":  # is the tiny world's sensitivity a matter of size? tiny-sd3 twice as wide (paired with quality)
-        # tiny-sd3-wide: tiny-sd3's recipe, data, VAE and 5,130 steps, with 8 heads (hidden 128) instead of 4.
-        for pattern, sparsity in (("unstructured", 0.5), ("unstructured", 0.6), ("unstructured", 0.7), ("2:4", None)):
-            for method in ("magnitude", "wanda", "obs-diff"):
-                seeds = (0,) if method == "magnitude" else range(5)
-                runs += [dict(model="tiny-sd3-wide", method=method, pattern=pattern, sparsity=sparsity, seed=s)
-                         for s in seeds]
+    elif name == "width":  # is the tiny world's sensitivity a matter of size? tiny-sd3 wider (paired with quality)
+        # tiny-sd3-wide / tiny-sd3-mid: tiny-sd3's recipe, data, VAE and 5,130 steps, with 8 heads (hidden 128) /
+        # 6 heads (hidden 96) instead of 4 (hidden 64).
+        for model in ("tiny-sd3-wide", "tiny-sd3-mid"):
+            for pattern, sparsity in (("unstructured", 0.5), ("unstructured", 0.6), ("unstructured", 0.7), ("2:4", None)):
+                for method in ("magnitude", "wanda", "obs-diff"):
+                    seeds = (0,) if method == "magnitude" else range(5)
+                    runs += [dict(model=model, method=method, pattern=pattern, sparsity=sparsity, seed=s)
+                             for s in seeds]
     elif name == "dense_targets":  # beyond the paper: OBS reconstructs the dense model's outputs (paired with quality, refit)
         for model in MODELS:
             for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):

@@ -71,7 +71,7 @@ def model_card(model: str, result: dict) -> str:
         f"A tiny `{transformer['_class_name']}` pipeline trained by `obsdiff_lite.shapes.train` on the captioned-shapes",
         "dataset (32x32, one shape: 4 shapes x 6 colors x 5 positions x 2 sizes).",
         *(["It exists for one experiment: how much of the tiny world's sensitivity to pruning comes from its size",
-           "(README, \"A twice-as-wide tiny model\"). The notebooks, tests and other benchmarks use tiny-sd3 and tiny-flux."]
+           "(README, \"Wider tiny models\"). The notebooks, tests and other benchmarks use tiny-sd3 and tiny-flux."]
           if widened else
           ["It exists so that every notebook, test and benchmark of obsdiff_lite runs offline on a CPU through the real",
            "diffusers classes."]),
@@ -81,7 +81,7 @@ def model_card(model: str, result: dict) -> str:
         *([f"- width: {transformer['num_attention_heads']} heads x {transformer['attention_head_dim']} (hidden "
            f"{transformer['num_attention_heads'] * transformer['attention_head_dim']}); otherwise tiny-sd3's data, VAE, "
            "settings and step count (its learning-rate decay follows steps, tiny-sd3's followed wall-clock time); "
-           "`python benchmarks/run.py width` prunes both"] if widened else []),
+           "`python benchmarks/run.py width` prunes it like tiny-sd3"] if widened else []),
         f"- {training['steps']:,} steps in {training['minutes']:.1f} min on one CPU thread, batch {training.get('batch_size')},"
         f" AdamW lr {training.get('lr')}, EMA {training.get('ema_decay')}, caption dropout {training.get('caption_dropout')},"
         f" seed {training.get('seed')}",

@@ -16,7 +16,7 @@ DATA = Path(__file__).resolve().parent.parent / "data"
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 
-@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux", "tiny-sd3-wide"])
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux", "tiny-sd3-mid", "tiny-sd3-wide"])
 def test_loads_with_plain_diffusers_and_generates(name):
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
@@ -48,19 +48,21 @@ def test_quality_bar_on_fresh_prompts(name):
     assert f"{measured['dense']['full']:.3f}" in (DATA / name / "README.md").read_text()
 
 
-def test_wide_model_is_tiny_sd3_twice_as_wide_with_the_same_recipe():
+@pytest.mark.parametrize("name, heads", [("tiny-sd3-mid", 6), ("tiny-sd3-wide", 8)])
+def test_wider_models_are_tiny_sd3_with_more_heads_and_the_same_recipe(name, heads):
     """The width experiment compares like with like: only the head count (and the text projection that must match
     it) differs from tiny-sd3, and it was trained with the same data, settings and number of steps."""
-    def config(name):
-        return json.loads((DATA / name / "transformer" / "config.json").read_text())
+    def config(model):
+        return json.loads((DATA / model / "transformer" / "config.json").read_text())
 
-    narrow, wide = config("tiny-sd3"), config("tiny-sd3-wide")
-    assert wide["num_attention_heads"] == 2 * narrow["num_attention_heads"]
+    narrow, wide = config("tiny-sd3"), config(name)
+    assert (narrow["num_attention_heads"], wide["num_attention_heads"]) == (4, heads)
     assert wide["caption_projection_dim"] == wide["num_attention_heads"] * wide["attention_head_dim"]
     differing = {k for k in narrow.keys() | wide.keys() if narrow.get(k) != wide.get(k)} - {"_diffusers_version"}
     assert differing == {"num_attention_heads", "caption_projection_dim"}
     recipe = ("steps", "batch_size", "lr", "ema_decay", "caption_dropout", "num_images", "seed", "partial")
-    trained = [json.loads((DATA / name / "training.json").read_text()) for name in ("tiny-sd3", "tiny-sd3-wide")]
+    trained = [json.loads((DATA / model / "training.json").read_text()) for model in ("tiny-sd3", name)]
     assert {k: trained[0][k] for k in recipe} == {k: trained[1][k] for k in recipe}
-    assert (DATA / "tiny-sd3-wide" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == (
+    assert trained[1]["num_attention_heads"] == heads
+    assert (DATA / name / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == (
         DATA / "tiny-sd3" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()

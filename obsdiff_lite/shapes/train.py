@@ -8,7 +8,8 @@ EMA model's ShapeBench adherence at every checkpoint to ``training_log.jsonl``.
     python -m obsdiff_lite.shapes.train vae --out runs/tiny-vae --minutes 4
     python -m obsdiff_lite.shapes.train sd3 --vae runs/tiny-vae --out data/tiny-sd3 --minutes 40
     python -m obsdiff_lite.shapes.train flux --vae runs/tiny-vae --out data/tiny-flux --minutes 40
-    # the width-scaling model: tiny-sd3's recipe and step count, twice as wide (8 heads, hidden 128)
+    # the width-scaling models: tiny-sd3's recipe and step count, 1.5x and 2x as wide (6 / 8 heads, hidden 96 / 128)
+    python -m obsdiff_lite.shapes.train sd3 --vae data/tiny-sd3/vae --out data/tiny-sd3-mid --heads 6 --steps 5130
     python -m obsdiff_lite.shapes.train sd3 --vae data/tiny-sd3/vae --out data/tiny-sd3-wide --heads 8 --steps 5130
 
 Training is not part of CI; the trained pipelines are committed under ``data/``.
