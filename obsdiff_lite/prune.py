@@ -316,10 +316,14 @@ def _prune_group(linears: list[tuple[str, nn.Linear]], config: PruneConfig, spar
     """
     weights = [linear.weight.data for _, linear in linears]
     shifts = [{} for _ in weights]
-    if drift is not None:
-        moved = [dense_target_weights(w, acc.hessian, drift.drift, config.damp, name=name)
-                 for w, (name, _) in zip(weights, linears)]
-        weights, shifts = [w for w, _ in moved], [info for _, info in moved]
+    if drift is not None:  # one solve for the whole group (its rows share H and the drift)
+        stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
+        moved, _ = dense_target_weights(stacked, acc.hessian, drift.drift, config.damp,
+                                        name=", ".join(name for name, _ in linears))
+        parts = moved.split([w.shape[0] for w in weights])
+        shifts = [{"dense_target_shift": float((new - old).float().norm() / old.float().norm().clamp_min(1e-30))}
+                  for new, old in zip(parts, weights)]
+        weights = list(parts)
     refit_iters = REFIT_ITERS if config.refit else 0
     if config.method == "magnitude":
         results = [(*magnitude_prune(w, sparsity, n, m), {}) for w in weights]
