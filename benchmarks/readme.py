@@ -605,11 +605,13 @@ def render_width() -> str:
     dense = _load("width")["dense"]
     head = [_pattern_label(p, s) for p, s in WIDTH_PATTERNS]
     lines = ["| model | method | " + " | ".join(head) + " |", "|---" * (len(head) + 2) + "|"]
-    for model, rows in (("tiny-sd3", quality), ("tiny-sd3-mid", width), ("tiny-sd3-wide", width)):
+    for model, rows in (("tiny-sd3", quality), ("tiny-sd3-long", width), ("tiny-sd3-mid", width),
+                        ("tiny-sd3-wide", width)):
         if model not in dense:
             continue
         config = json.loads((ROOT / "data" / model / "transformer" / "config.json").read_text())
-        hidden = config["num_attention_heads"] * config["attention_head_dim"]
+        steps = json.loads((ROOT / "data" / model / "training.json").read_text())["steps"]
+        hidden = f"{config['num_attention_heads'] * config['attention_head_dim']}, {steps:,} steps"
         d = dense[model]["full"]
         lines.append(f"| {model} (hidden {hidden}) | dense | " + " | ".join(f"{d:.3f}" for _ in head) + " |")
         found = {method: [_find_exact(rows, model=model, method=method, pattern=p, sparsity=s) for p, s in WIDTH_PATTERNS]

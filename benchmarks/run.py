@@ -188,7 +188,8 @@ def experiment_runs(name: str) -> list[dict]:
     elif name == "width":  # is the tiny world's sensitivity a matter of size? tiny-sd3 wider (paired with quality)
         # tiny-sd3-wide / tiny-sd3-mid: tiny-sd3's recipe, data, VAE and 5,130 steps, with 8 heads (hidden 128) /
         # 6 heads (hidden 96) instead of 4 (hidden 64).
-        for model in ("tiny-sd3-wide", "tiny-sd3-mid"):
+        # tiny-sd3-long: tiny-sd3 trained 5,130 steps further at its own width (does fit, not width, explain it?).
+        for model in ("tiny-sd3-wide", "tiny-sd3-mid", "tiny-sd3-long"):
             for pattern, sparsity in (("unstructured", 0.5), ("unstructured", 0.6), ("unstructured", 0.7), ("2:4", None)):
                 for method in ("magnitude", "wanda", "obs-diff"):
                     seeds = (0,) if method == "magnitude" else range(5)

@@ -55,6 +55,11 @@ def measure(model: str, num_prompts: int, prune_prompts: int, seed: int) -> dict
     return result
 
 
+def _steps_of(pipeline_dir: str) -> int:
+    """Training steps recorded by a shipped pipeline (a path relative to the repository, e.g. data/tiny-sd3)."""
+    return json.loads((ROOT / pipeline_dir / "training.json").read_text())["steps"]
+
+
 def model_card(model: str, result: dict) -> str:
     """Markdown model card from the training record and the measured results."""
     path = ROOT / "data" / model
@@ -64,6 +69,7 @@ def model_card(model: str, result: dict) -> str:
     params = sum(t.numel() for t in load_pipeline(path).transformer.parameters())
     # The trainer records its head count for every model now, so the width experiment's model is told by its width.
     widened = transformer["num_attention_heads"] != TINY_ARCHITECTURES[training["arch"]]["num_attention_heads"]
+    resumed = training.get("resumed_from")  # trained further from a shipped model: the fit side of the experiment
     d = result["dense"]
     lines = [
         f"# {model}",
@@ -72,7 +78,7 @@ def model_card(model: str, result: dict) -> str:
         "dataset (32x32, one shape: 4 shapes x 6 colors x 5 positions x 2 sizes).",
         *(["It exists for one experiment: how much of the tiny world's sensitivity to pruning comes from its size",
            "(README, \"Wider tiny models\"). The notebooks, tests and other benchmarks use tiny-sd3 and tiny-flux."]
-          if widened else
+          if widened or resumed else
           ["It exists so that every notebook, test and benchmark of obsdiff_lite runs offline on a CPU through the real",
            "diffusers classes."]),
         "",
@@ -82,7 +88,11 @@ def model_card(model: str, result: dict) -> str:
            f"{transformer['num_attention_heads'] * transformer['attention_head_dim']}); otherwise tiny-sd3's data, VAE, "
            "settings and step count (its learning-rate decay follows steps, tiny-sd3's followed wall-clock time); "
            "`python benchmarks/run.py width` prunes it like tiny-sd3"] if widened else []),
-        f"- {training['steps']:,} steps in {training['minutes']:.1f} min on one CPU thread, batch {training.get('batch_size')},"
+        *([f"- trained further: the weights of `{resumed}`, then {training['steps'] - _steps_of(resumed):,} more steps "
+           "with a fresh optimizer and learning-rate schedule, same data and settings; same width; "
+           "`python benchmarks/run.py width` prunes it like tiny-sd3"] if resumed else []),
+        f"- {training['steps']:,} steps in {training['minutes']:.1f} min "
+        f"{'on CPU, both runs together' if resumed else 'on one CPU thread'}, batch {training.get('batch_size')},"
         f" AdamW lr {training.get('lr')}, EMA {training.get('ema_decay')}, caption dropout {training.get('caption_dropout')},"
         f" seed {training.get('seed')}",
         "- rectified flow (x_t = (1-t) x0 + t noise, target noise - x0, logit-normal t) on the latents of a tiny",

@@ -16,7 +16,7 @@ DATA = Path(__file__).resolve().parent.parent / "data"
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 
-@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux", "tiny-sd3-mid", "tiny-sd3-wide"])
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux", "tiny-sd3-mid", "tiny-sd3-wide", "tiny-sd3-long"])
 def test_loads_with_plain_diffusers_and_generates(name):
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
@@ -65,4 +65,20 @@ def test_wider_models_are_tiny_sd3_with_more_heads_and_the_same_recipe(name, hea
     assert {k: trained[0][k] for k in recipe} == {k: trained[1][k] for k in recipe}
     assert trained[1]["num_attention_heads"] == heads
     assert (DATA / name / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == (
+        DATA / "tiny-sd3" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+
+def test_long_model_is_tiny_sd3_trained_further_at_the_same_width():
+    """The fit side of the width experiment: tiny-sd3's architecture and weights as the start, as many steps again."""
+    def read(model, *parts):
+        return json.loads((DATA / model / Path(*parts)).read_text())
+
+    base, long = read("tiny-sd3", "transformer", "config.json"), read("tiny-sd3-long", "transformer", "config.json")
+    assert {k: v for k, v in base.items() if k != "_diffusers_version"} == {
+        k: v for k, v in long.items() if k != "_diffusers_version"}
+    trained, base_training = read("tiny-sd3-long", "training.json"), read("tiny-sd3", "training.json")
+    assert trained["resumed_from"] == "data/tiny-sd3" and trained["steps"] == 2 * base_training["steps"]
+    recipe = ("batch_size", "lr", "ema_decay", "caption_dropout", "num_images", "seed", "partial")
+    assert {k: trained[k] for k in recipe} == {k: base_training[k] for k in recipe}
+    assert (DATA / "tiny-sd3-long" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == (
         DATA / "tiny-sd3" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()

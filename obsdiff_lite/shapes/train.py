@@ -11,6 +11,8 @@ EMA model's ShapeBench adherence at every checkpoint to ``training_log.jsonl``.
     # the width-scaling models: tiny-sd3's recipe and step count, 1.5x and 2x as wide (6 / 8 heads, hidden 96 / 128)
     python -m obsdiff_lite.shapes.train sd3 --vae data/tiny-sd3/vae --out data/tiny-sd3-mid --heads 6 --steps 5130
     python -m obsdiff_lite.shapes.train sd3 --vae data/tiny-sd3/vae --out data/tiny-sd3-wide --heads 8 --steps 5130
+    # and the fit side: tiny-sd3 trained as many steps again at its own width
+    python -m obsdiff_lite.shapes.train sd3 --vae data/tiny-sd3/vae --out data/tiny-sd3-long --resume data/tiny-sd3 --steps 5130
 
 Training is not part of CI; the trained pipelines are committed under ``data/``.
 """
