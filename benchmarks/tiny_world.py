@@ -76,8 +76,8 @@ def model_card(model: str, result: dict) -> str:
         "",
         f"A tiny `{transformer['_class_name']}` pipeline trained by `obsdiff_lite.shapes.train` on the captioned-shapes",
         "dataset (32x32, one shape: 4 shapes x 6 colors x 5 positions x 2 sizes).",
-        *(["It exists for one experiment: how much of the tiny world's sensitivity to pruning comes from its size",
-           "(README, \"Wider tiny models\"). The notebooks, tests and other benchmarks use tiny-sd3 and tiny-flux."]
+        *(["It exists for one experiment: how much of the tiny world's sensitivity to pruning comes from its size or fit",
+           "(README, \"Wider and longer-trained tiny models\"). The notebooks, tests and other benchmarks use tiny-sd3 and tiny-flux."]
           if widened or resumed else
           ["It exists so that every notebook, test and benchmark of obsdiff_lite runs offline on a CPU through the real",
            "diffusers classes."]),
