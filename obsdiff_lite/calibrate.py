@@ -189,10 +189,11 @@ def collect_hessians(transformer: nn.Module, arch: ArchSpec, groups: dict[str, n
     ``last_block``, the block of the last target). Non-finite inputs raise (naming the layer) at the end of the
     transformer call that produced them, or on leaving the block."""
     accumulators: dict[str, HessianAccumulator] = {}
-    # The dense copy's CFG halves are combined like the pruned model's, with their own pending cond halves.
-    dense_guided = None if guided is None else GuidedInputs(guided.layout, guided.scale, guided.combine)
+    dense_guided = None
     if dense is not None:
         dense.drifts = {}
+        # The dense copy's CFG halves are combined like the pruned model's, with their own pending cond halves.
+        dense_guided = None if guided is None else GuidedInputs(guided.layout, guided.scale, guided.combine)
 
     def check_finite(*_) -> None:
         # Once per transformer call rather than per layer: on a GPU every check waits for the device.

@@ -94,6 +94,14 @@ def _layer(name: str) -> str:
     return f" of layer {name!r}" if name else ""
 
 
+def _step_weight(timestep_weight: float) -> float:
+    """The step weight alpha_t as a float; refuses NaN, inf and negative values (every accumulator's check)."""
+    alpha = float(timestep_weight)
+    if not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"timestep_weight must be finite and >= 0, got {timestep_weight}")
+    return alpha
+
+
 @dataclass
 class HessianAccumulator:
     """Running timestep-weighted mean of 2 x x^T over calibration rows (its diagonal gives Wanda's norms), and with
@@ -171,9 +179,7 @@ class HessianAccumulator:
                 f"activations{_layer(name)} have {inputs.shape[-1]} features, "
                 f"expected in_features={self.in_features}"
             )
-        alpha = float(timestep_weight)
-        if not math.isfinite(alpha) or alpha < 0:
-            raise ValueError(f"timestep_weight must be finite and >= 0, got {timestep_weight}")
+        alpha = _step_weight(timestep_weight)
         # Compute in the accumulator dtype on the input's device; only [d, d] crosses devices.
         x = inputs.detach().reshape(-1, self.in_features)
         tf32 = tf32_is_exact_for(x.dtype) and self.dtype == torch.float32
@@ -309,9 +315,7 @@ class DriftAccumulator:
                 f"dense and pruned activations{_layer(self.name)} must have the same shape [..., {self.in_features}], "
                 f"got {tuple(dense_inputs.shape)} and {tuple(inputs.shape)}: the dense copy saw another call"
             )
-        alpha = float(timestep_weight)
-        if not math.isfinite(alpha) or alpha < 0:
-            raise ValueError(f"timestep_weight must be finite and >= 0, got {timestep_weight}")
+        alpha = _step_weight(timestep_weight)
         x = inputs.detach().reshape(-1, self.in_features).to(self.dtype)
         delta = dense_inputs.detach().reshape(-1, self.in_features).to(self.dtype) - x
         rows = x.shape[0]
