@@ -46,7 +46,7 @@ EVAL_PROMPTS, EVAL_SEED = 120, 0
 CALIB_PROMPTS = 16
 EXPERIMENTS = ("quality", "weighting", "packages", "calibration_size", "structured", "structured_parts",
                "structured_selection", "hessian_inputs", "paper_calibration", "refit", "weight_range", "solver_settings",
-               "robustness", "calibration_source", "block_sensitivity", "sparsity_ramp", "width", "dense_targets")
+               "robustness", "calibration_source", "block_sensitivity", "sparsity_ramp", "width", "dense_targets", "admm")
 # Off-calibration sampling (robustness sweep): diffusers scheduler classes by sampler name.
 SAMPLERS = {"heun": "FlowMatchHeunDiscreteScheduler"}
 # Calibration prompts other than the tiny world's captions (calibration_source sweep), by name.
@@ -201,6 +201,16 @@ def experiment_runs(name: str) -> list[dict]:
                 for refit in (False, True):
                     runs += [dict(model=model, method="obs-diff", pattern=pattern, sparsity=sparsity, seed=s,
                                   dense_targets=True, **({"refit": True} if refit else {})) for s in range(5)]
+    elif name == "admm":  # beyond the paper: ADMM moves OBS's masks and weights together (paired with quality, refit)
+        for model in MODELS:
+            for pattern, sparsity in [("unstructured", s) for s in (0.5, 0.6, 0.7)] + [("2:4", None)]:
+                runs += [dict(model=model, method="obs-diff", pattern=pattern, sparsity=sparsity, seed=s, solver="admm")
+                         for s in range(5)]
+        for num_prompts in (16, 100):  # tiny-sd3's best Hessians (guided), with 16 and the paper's 100 prompts (refit)
+            for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
+                runs += [dict(model="tiny-sd3", method="obs-diff", pattern=pattern, sparsity=sparsity, seed=s,
+                              hessian_inputs="guided", solver="admm", **({"num_prompts": 100} if num_prompts == 100 else {}))
+                         for s in range(5)]
     else:
         raise SystemExit(f"unknown experiment {name!r}")
     return runs

@@ -98,6 +98,10 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="OBS reconstructs the dense model's layer outputs from the pruned model's inputs, so later "
                         "packages also repair what earlier ones changed (beyond the paper; obs-diff/sparsegpt, "
                         "unstructured and N:M; runs a dense copy of the transformer next to calibration)")
+    p.add_argument("--solver", default="obs",
+                   help="obs: the paper's one-pass OBS | admm: OBS, then ADMM moves masks and weights together on the "
+                        "same layer loss and the kept weights are re-fitted (beyond the paper; obs-diff/sparsegpt, "
+                        "unstructured and N:M; never ends a layer above OBS's error)")
     p.add_argument("--sparsity-ramp", type=float, default=0.0,
                    help="unstructured: sparsity rises linearly over depth from SPARSITY - RAMP in the first block to "
                         "SPARSITY + RAMP in the last, same total (beyond the paper; early blocks are the sensitive ones)")
@@ -129,7 +133,7 @@ def _prune_config(args):
         damp=args.damp, block_size=args.block_size, batch_size=args.batch_size, hessian_device=args.hessian_device,
         calibration=args.calibration, refresh_every=args.refresh_every, cache_device=args.cache_device,
         hessian_inputs=args.hessian_inputs, refit=args.refit, sparsity_ramp=args.sparsity_ramp,
-        block_sparsity=block_sparsity, dense_targets=args.dense_targets,
+        block_sparsity=block_sparsity, dense_targets=args.dense_targets, solver=args.solver,
     )
 
 

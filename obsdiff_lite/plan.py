@@ -30,6 +30,8 @@ solve-phase transients do not really coexist):
   SOLVE_WEIGHT_COPIES float32 copies of the group's stacked weights (working copy, OBS update, mask, dW). Unstructured solves run on the weight's device,
   structured ones next to the Hessians. ``--refit`` adds one d x d buffer (the damped Hessian) and
   REFIT_WEIGHT_COPIES more weight-sized buffers (the conjugate-gradient state in ``obs.refit_kept_weights``).
+  ``--solver admm`` adds ADMM_HESSIAN_COPIES d x d and ADMM_WEIGHT_COPIES weight-sized buffers instead
+  (``obs.admm_sparsify_weights``; its closing re-fit needs fewer).
 
 ``--dense-targets`` adds a float32 drift matrix next to every Hessian (counted in the Hessian part), a
 copy of the transformer (model part), the copy's inputs to the package's target layers for one call
@@ -73,6 +75,10 @@ ACTIVATION_FACTOR = 12  # hidden-widths per token alive at a block's peak (see t
 SOLVE_HESSIAN_COPIES = 5  # d x d float32 buffers alive inside one OBS solve
 SOLVE_WEIGHT_COPIES = 4  # float32 copies of the weight alive inside one OBS solve
 REFIT_WEIGHT_COPIES = 6  # --refit: mask, residual, preconditioned residual, direction, H @ direction, a temporary
+# --solver admm (on top of the OBS solve, whose result stays alive): the damped and the normalised H and its eigenvectors
+# (d x d); the target, Z, the dual, the step, its projection, the scores and two temporaries of the step (weight-sized);
+# the re-fit that follows runs after the ADMM state is freed and needs fewer.
+ADMM_HESSIAN_COPIES, ADMM_WEIGHT_COPIES = 3, 8
 STRUCTURED_HESSIAN_COPIES = 7  # structured.ColumnPruner: + the live-column H and H^-1 = U^T U
 HESSIAN_BYTES = 4  # HessianAccumulator keeps float32
 TINY_BAND = (0.9, 2.0)  # tests: estimate / measured peak on the tiny models (see the docstring)
@@ -330,7 +336,7 @@ def _num_units(transformer: nn.Module, config) -> int:
 
 
 def _solve_bytes(linears: list[nn.Linear], method: str, pattern: str, refit: bool = False,
-                 dense_targets: bool = False) -> int:
+                 dense_targets: bool = False, admm: bool = False) -> int:
     """Workspace of solving one group of linears (float32); unstructured/N:M groups share one Hessian."""
     structured = pattern == "structured"
     copies = STRUCTURED_HESSIAN_COPIES if structured else SOLVE_HESSIAN_COPIES
@@ -340,8 +346,9 @@ def _solve_bytes(linears: list[nn.Linear], method: str, pattern: str, refit: boo
         if method in ("magnitude", "wanda", "dsnot", "l1-norm") and not refit:  # with --refit: an OBS solve
             total += 2 * rows * cols * 4  # score matrix and the new weight
         else:
-            hessians = (copies + refit) * cols * cols * 4 if structured or i == 0 else 0
-            copies_w = SOLVE_WEIGHT_COPIES + refit * REFIT_WEIGHT_COPIES + dense_targets  # + the moved weights
+            extra_h, extra_w = (ADMM_HESSIAN_COPIES, ADMM_WEIGHT_COPIES) if admm else (refit, refit * REFIT_WEIGHT_COPIES)
+            hessians = (copies + extra_h) * cols * cols * 4 if structured or i == 0 else 0
+            copies_w = SOLVE_WEIGHT_COPIES + extra_w + dense_targets  # + the moved weights
             total += hessians + copies_w * rows * cols * 4
     return total
 
@@ -409,7 +416,8 @@ def plan_memory(model, config, device="cpu", batch_size: int | None = None, num_
             activations = rows * hidden * nbytes * ACTIVATION_FACTOR + rows * d_max * 4 + d_max * d_max * 4
             activations += _pending_guided_bytes(arch_spec, groups, config.hessian_inputs, call, batch * tokens, nbytes)
             activations += rows * sum(widths) * nbytes if dense else 0  # the dense copy's inputs, one call
-        solve = max((_solve_bytes(g, config.method, config.pattern, config.refit, dense) for g in solve_groups),
+        admm = getattr(config, "solver", "obs") == "admm"
+        solve = max((_solve_bytes(g, config.method, config.pattern, config.refit, dense, admm) for g in solve_groups),
                     default=0)
         solve_dev = hess_dev if structured else compute
         dense_copy = module_bytes(transformer, dtype) if dense else 0

@@ -30,7 +30,8 @@ from .baselines import dsnot_prune, magnitude_prune, wanda_prune
 from .calibrate import HESSIAN_INPUTS, DenseReference, calibrate
 from .distributed import all_equal, broadcast_module_, rank_and_world
 from .hessian import input_variance, wanda_input_norm
-from .obs import REFIT_ITERS, check_sparsity_args, dense_target_weights, parse_pattern, sparsify_weights
+from .obs import (REFIT_ITERS, admm_sparsify_weights, check_sparsity_args, dense_target_weights, parse_pattern,
+                  sparsify_weights)
 from .pipelines import pipeline_call
 from .schedules import WEIGHTINGS
 
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 METHODS = ("obs-diff", "sparsegpt", "wanda", "dsnot", "magnitude", "l1-norm")
 STRUCTURED_METHODS = ("obs-diff", "l1-norm")
 CALIBRATIONS = ("exact", "cached")  # pattern "structured": whole heads and FFN neurons
+SOLVERS = ("obs", "admm")  # unstructured / N:M OBS methods: the paper's one-pass OBS, or OBS then ADMM (obs.py)
 HEAD_SELECTIONS = ("saliency", "trajectory")  # structured: how heads are chosen (structured.prune_heads_obs)
 PER_BLOCK = "blocks"  # packages="blocks": one module package per transformer block
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "data" / "prompts"
@@ -78,6 +80,7 @@ class PruneConfig:
     sparsity_ramp: float = 0.0  # beyond the paper: unstructured sparsity from s - ramp (first block) to s + ramp (last)
     block_sparsity: list[float] | None = None  # beyond the paper: one unstructured sparsity per selected block (sparsity=None)
     dense_targets: bool = False  # beyond the paper: OBS targets the dense model's layer outputs (obs.dense_target_weights)
+    solver: str = "obs"  # beyond the paper: "admm" refines OBS's masks and weights (obs.admm_sparsify_weights)
 
     def validate(self) -> None:
         """Refuse impossible settings with one readable line each."""
@@ -100,6 +103,8 @@ class PruneConfig:
             self._validate_block_sparsity()
         if self.dense_targets:
             self._validate_dense_targets()
+        if self.solver != "obs":
+            self._validate_solver()
         if self.refit and self.pattern == "structured":
             raise ValueError("--refit applies to unstructured and N:M pruning; structured OBS already solves its kept "
                              "weights exactly")
@@ -159,6 +164,17 @@ class PruneConfig:
             raise ValueError("--dense-targets applies to unstructured and N:M pruning")
         if self.calibration != "exact":
             raise ValueError("--dense-targets runs a dense copy next to every calibration pass; use --calibration exact")
+
+    def _validate_solver(self) -> None:
+        """ADMM refines an OBS solution: OBS methods, unstructured or N:M."""
+        if self.solver not in SOLVERS:
+            raise ValueError(f"unknown solver {self.solver!r}; choose one of {', '.join(SOLVERS)}")
+        if self.method not in ("obs-diff", "sparsegpt"):
+            raise ValueError(f"--solver admm refines an OBS solution; method {self.method} has none (use obs-diff or "
+                             "sparsegpt)")
+        if self.pattern == "structured":
+            raise ValueError("--solver admm applies to unstructured and N:M pruning; structured OBS already solves its "
+                             "kept weights exactly")
 
     def _validate_common(self) -> None:
         """Settings shared by every pattern."""
@@ -333,6 +349,9 @@ def _prune_group(linears: list[tuple[str, nn.Linear]], config: PruneConfig, spar
     elif config.method == "dsnot":
         stats = [s.to(weights[0].device) for s in (acc.input_mean, input_variance(acc), wanda_input_norm(acc))]
         results = [(*dsnot_prune(w, *stats, sparsity, n, m), {}) for w in weights]
+    elif config.solver == "admm":  # ends with the re-fit on its own mask, so --refit adds nothing
+        results = admm_sparsify_weights(weights, acc.hessian, sparsity, n, m, config.block_size, config.damp,
+                                        names=[name for name, _ in linears])
     else:
         results = sparsify_weights(weights, acc.hessian, sparsity, n, m, config.block_size, config.damp,
                                    names=[name for name, _ in linears], refit_iters=refit_iters)

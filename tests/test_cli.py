@@ -49,6 +49,15 @@ def test_refit_flag_reaches_the_solver(random_flux_dir, tmp_path):
     assert all(v["recon_error"] <= v["recon_error_obs"] * (1 + 1e-6) for v in info["layers"].values())
 
 
+def test_solver_flag_reaches_the_admm_solver(random_sd3_dir, tmp_path):
+    out = tmp_path / "admm"
+    assert main(["prune", str(random_sd3_dir), "--output", str(out), "--pattern", "2:4", "--solver", "admm", *FAST]) == 0
+    info = json.loads((out / "obsdiff.json").read_text())
+    assert info["config"]["solver"] == "admm"
+    assert all(v["recon_error"] <= v["recon_error_obs"] * (1 + 1e-6) and v["admm_iters"] > 0
+               for v in info["layers"].values())
+
+
 def test_dense_targets_flag_moves_the_later_packages(random_flux_dir, tmp_path):
     out = tmp_path / "dense-targets"
     assert main(["prune", str(random_flux_dir), "--output", str(out), "--packages", "2", "--dense-targets", *FAST]) == 0
@@ -99,6 +108,9 @@ def _bad_cases(model, tmp_path):
         "refit of structured": (["prune", model, "--output", out, "--pattern", "structured", "--refit"], "--refit"),
         "dense targets of wanda": (["prune", model, "--output", out, "--method", "wanda", "--dense-targets"],
                                    "no OBS update"),
+        "admm of wanda": (["prune", model, "--output", out, "--method", "wanda", "--solver", "admm"],
+                          "refines an OBS solution"),
+        "unknown solver": (["prune", model, "--output", out, "--solver", "newton"], "unknown solver"),
         "block size zero": (["prune", model, "--output", out, "--block-size", "0"], "block_size"),
         "ramp too steep": (["prune", model, "--output", out, "--sparsity-ramp", "0.6"], "smaller ramp"),
         "block sparsity not numbers": (["prune", model, "--output", out, "--block-sparsity", "0.3,x"], "comma-separated"),

@@ -73,7 +73,8 @@ def _measured_peak(pipe, config) -> int:
     ("flux", dict(pattern="structured", sparsity=0.3, packages=2)),
     ("sd3", dict(pattern="2:4", sparsity=None, packages=1, refit=True)),
     ("flux", dict(packages=2, dense_targets=True)),
-], ids=["sd3-unstructured", "flux-structured", "sd3-2:4-refit", "flux-dense-targets"])
+    ("sd3", dict(pattern="2:4", sparsity=None, packages=1, solver="admm")),
+], ids=["sd3-unstructured", "flux-structured", "sd3-2:4-refit", "flux-dense-targets", "sd3-2:4-admm"])
 def test_estimate_bounds_the_measured_peak(random_sd3_dir, random_flux_dir, model, settings):
     """Estimate / (model bytes + measured peak during prune) lies in TINY_BAND (seen: 0.98 .. 1.30).
 
@@ -123,6 +124,17 @@ def test_refit_adds_its_conjugate_gradient_buffers_to_the_solve():
     # SD3-medium's largest solve group is ff.net.2 (1536 x 6144): its Hessian is 6144 wide.
     extra = 6144**2 * 4 + REFIT_WEIGHT_COPIES * 1536 * 6144 * 4
     assert {r.solve_bytes - p.solve_bytes for p, r in zip(plain.packages, refit.packages)} == {extra}
+
+
+def test_admm_adds_its_buffers_to_the_solve():
+    """--solver admm: ADMM_HESSIAN_COPIES d x d and ADMM_WEIGHT_COPIES weight-sized buffers for the largest group
+    (instead of the re-fit's, which its closing re-fit needs fewer of)."""
+    from obsdiff_lite.plan import ADMM_HESSIAN_COPIES, ADMM_WEIGHT_COPIES
+
+    plain, admm = (plan_for("sd3-medium", PruneConfig(pattern="2:4", sparsity=None, solver=s), device="cuda",
+                            dtype="float16") for s in ("obs", "admm"))
+    extra = ADMM_HESSIAN_COPIES * 6144**2 * 4 + ADMM_WEIGHT_COPIES * 1536 * 6144 * 4
+    assert {a.solve_bytes - p.solve_bytes for p, a in zip(plain.packages, admm.packages)} == {extra}
 
 
 def test_refuses_before_calibrating_with_suggestions(random_sd3_dir, monkeypatch, tmp_path, capsys):
