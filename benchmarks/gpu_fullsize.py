@@ -12,8 +12,9 @@ the JSON is rewritten after every part, so a run cut short keeps what it measure
     FFN neurons of blocks 1..N-2), interleaved repeats, medians. Paper (Table 5, ONE block of
     SD3.5-large on an RTX 4090): 2:4 1.23x, structured 30% 1.31x.
 ``prune``
-    OBS-Diff at 50% unstructured for each ``--prune-runs`` entry MODE:PACKAGES[:refit] (e.g. ``exact:4``,
-    ``cached:24``, ``exact:4:refit`` with the least-squares re-fit after each OBS solve) over a reduced calibration set (``--prompts`` x ``--steps`` at 512x512, CFG 7,
+    OBS-Diff at 50% unstructured for each ``--prune-runs`` entry MODE:PACKAGES[:refit|:admm] (e.g. ``exact:4``,
+    ``cached:24``, ``exact:4:refit`` with the least-squares re-fit after each OBS solve, ``exact:4:admm`` with
+    ``--solver admm``) over a reduced calibration set (``--prompts`` x ``--steps`` at 512x512, CFG 7,
     batch 4): calibration and solve time, peak GPU memory, and one plain pipeline pass over the same
     prompts (for the calibration overhead). Projected to the paper's 100 prompts x 25 steps:
     calibration scales with prompts x steps, solves do not. Paper (Table 8): 14.95 min and 24.05 GB
@@ -74,8 +75,10 @@ def _pipeline(args, model: str, device, dtype):
 
 
 def prune_run(args, spec: str, device, dtype) -> dict:
-    """Prune a random full-size SD3-medium with OBS-Diff (MODE:PACKAGES[:refit]) and project to the paper's setting."""
-    mode, packages, *refit = spec.split(":")
+    """Prune a random full-size SD3-medium with OBS-Diff (MODE:PACKAGES[:refit|:admm]) and project to the paper's
+    setting."""
+    mode, packages, *extra = spec.split(":")
+    refit, solver = extra == ["refit"], "admm" if extra == ["admm"] else "obs"
     pipe = _pipeline(args, args.model, device, dtype)
     call = {"num_inference_steps": args.steps, "guidance_scale": 7.0, "height": args.resolution,
             "width": args.resolution, "max_sequence_length": args.text_tokens}
@@ -90,11 +93,11 @@ def prune_run(args, spec: str, device, dtype) -> dict:
         plain_pass_s = time.perf_counter() - t0
     _free(device)
     report = prune(pipe, PruneConfig(sparsity=0.5, packages=int(packages), prompts=prompts, batch_size=4,
-                                     calibration=mode, refit=bool(refit)), progress=not args.quiet)
+                                     calibration=mode, refit=refit, solver=solver), progress=not args.quiet)
     t = report["timings"]
     scale = (100 * 25) / (args.prompts * args.steps)
     passes = int(packages) if mode == "exact" else 1
-    out = {"mode": mode, "packages": int(packages), "refit": bool(refit), "prompts": args.prompts, "steps": args.steps,
+    out = {"mode": mode, "packages": int(packages), "refit": refit, "solver": solver, "prompts": args.prompts, "steps": args.steps,
            "resolution": args.resolution, "text_tokens": args.text_tokens + 77,
            "plain_pass_s": plain_pass_s, "calibration_s": t["calibration_s"], "solve_s": t["solve_s"],
            "total_s": t["total_s"], "calibration_overhead_vs_plain_passes": t["calibration_s"] / (passes * plain_pass_s) - 1,
@@ -282,7 +285,7 @@ def main() -> None:
     parser.add_argument("--flux-sparse-backends", nargs="*", default=["cusparselt"],
                         help="2:4 kernels timed for Flux (each is another 12B-parameter copy in GPU memory)")
     parser.add_argument("--prune-runs", nargs="+", default=["exact:4", "cached:24"],
-                        help="MODE:PACKAGES[:refit] each, MODE exact|cached")
+                        help="MODE:PACKAGES[:refit|:admm] each, MODE exact|cached")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--resolution", type=int, default=512)
@@ -297,8 +300,8 @@ def main() -> None:
     args = parser.parse_args()
     for spec in args.prune_runs:
         mode, packages, *rest = spec.split(":") + ([] if ":" in spec else [""])
-        if mode not in ("exact", "cached") or not packages.isdigit() or rest not in ([], ["refit"]):
-            parser.error(f"--prune-runs entries are MODE:PACKAGES[:refit] with MODE exact|cached, got {spec!r}")
+        if mode not in ("exact", "cached") or not packages.isdigit() or rest not in ([], ["refit"], ["admm"]):
+            parser.error(f"--prune-runs entries are MODE:PACKAGES[:refit|:admm] with MODE exact|cached, got {spec!r}")
     if args.tiny:
         args.dtype, args.prompts, args.steps, args.resolution = "float32", 1, 2, 64
         args.latency_resolution, args.text_tokens, args.warmup, args.repeats = 64, 8, 1, 2

@@ -366,6 +366,57 @@ def render_dense_targets() -> str:
     return "\n".join(lines)
 
 
+def _admm_cases() -> list[tuple[str, int, str, str, float | None]]:
+    """(model, calibration prompts, Hessian inputs, pattern, sparsity) of the admm sweep, in table order."""
+    cases = [(model, 16, "plain", pattern, sparsity) for model in MODELS_ORDER
+             for pattern, sparsity in (("unstructured", 0.5), ("unstructured", 0.6), ("unstructured", 0.7), ("2:4", None))]
+    return cases + [("tiny-sd3", prompts, "guided", pattern, sparsity) for prompts in (16, 100)
+                    for pattern, sparsity in (("unstructured", 0.5), ("2:4", None))]
+
+
+def _admm_rows(model: str, prompts: int, inputs: str, pattern: str, sparsity: float | None) -> tuple:
+    """The OBS-Diff, OBS-Diff + refit and OBS-Diff + ADMM rows of one admm case (None where not measured)."""
+    setting = dict(model=model, method="obs-diff", pattern=pattern, sparsity=sparsity)
+    if inputs != "plain":
+        setting["hessian_inputs"] = inputs
+    if prompts == 100:
+        setting["num_prompts"] = 100
+    source = "paper_calibration" if prompts == 100 else "quality" if inputs == "plain" else "hessian_inputs"
+    return (_find_exact(_rows(source), **setting), _find_exact(_rows("refit"), **setting, refit=True),
+            _find_exact(_rows("admm"), **setting, solver="admm"))
+
+
+def render_admm() -> str:
+    """OBS-Diff, + refit and + ADMM (beyond the paper), paired over the same seeds, with Wanda for reference."""
+    if not _rows("admm"):
+        return "_not measured yet: run `python benchmarks/run.py admm`_"
+    dense = _load("quality").get("dense", {})
+    quality = _rows("quality")
+    lines = ["| model | calibration prompts | Hessian inputs | pattern | OBS-Diff | + refit | + ADMM | ADMM − refit | "
+             "ADMM − Wanda | PSNR to dense (dB): OBS-Diff / + refit / + ADMM | share of dense: OBS-Diff / + refit / "
+             "+ ADMM |", "|---" * 11 + "|"]
+    for model, prompts, inputs, pattern, sparsity in _admm_cases():
+        base, refit, admm = _admm_rows(model, prompts, inputs, pattern, sparsity)
+        if not admm:
+            continue
+        wanda = _find_exact(quality, model=model, method="wanda", pattern=pattern, sparsity=sparsity)
+        measured = [r for r in (base, refit, admm) if r]
+        psnr = " / ".join(f"{r['psnr']['mean']:.1f}" for r in measured)
+        lines.append(f"| {model} | {prompts} | {inputs} | {_pattern_label(pattern, sparsity)} | "
+                     f"{_cell(base['full']) if base else '–'} | {_cell(refit['full']) if refit else '–'} | "
+                     f"{_cell(admm['full'])} | {_fmt(compare(admm, refit))} | {_fmt(compare(admm, wanda))} | "
+                     f"{psnr} | "
+                     f"{_shares(dense.get(model, {}).get('full'), *measured)} |")
+    seeds = max(len(r["seeds"]) for r in _rows("admm"))
+    lines.append("")
+    lines.append(f"Full adherence, mean ± 95% interval over {seeds} calibration seeds, differences paired over the same "
+                 "seeds and evaluation prompts, 4 packages, log-decrease weighting. `+ ADMM` (`--solver admm`) ends with "
+                 "the re-fit on its own mask, so `ADMM − refit` is what moving the mask adds. The OBS-Diff and re-fit "
+                 "columns are the quality, guided-Hessian, 100-prompt and re-fit tables' rows; Wanda is the quality "
+                 "table's (16 prompts, plain statistics). `python benchmarks/run.py admm`.")
+    return "\n".join(lines)
+
+
 STRONG = [0.1, 1.9]  # the widest weight range of the weight_range sweep
 
 
@@ -842,6 +893,16 @@ def render_speed() -> str:
     return "\n".join(lines)
 
 
+def _gpu_weights(run: dict) -> str:
+    """How a GPU prune run solved its weights: plain OBS (the paper), + the re-fit, or + ADMM."""
+    return "OBS + ADMM" if run.get("solver") == "admm" else "OBS + refit" if run.get("refit") else "OBS"
+
+
+def _plain_gpu_runs(data: dict) -> dict[tuple[str, int], dict]:
+    """The paper-method GPU prune runs (no re-fit, no ADMM) by (calibration mode, packages)."""
+    return {(r["mode"], r["packages"]): r for r in data.get("prune", []) if _gpu_weights(r) == "OBS"}
+
+
 def render_gpu() -> str:
     """Full-size SD3-medium / Flux.1-dev on a GPU (random weights): latency, prune cost, Hessian precision."""
     now, before = _load("gpu_fullsize"), _load("gpu_fullsize_ieee")
@@ -872,11 +933,13 @@ def render_gpu() -> str:
                  if cutlass else ""), ""]
     lines += ["**Prune cost**, OBS-Diff 50% unstructured on SD3-medium, 16 prompts × 10 steps at 512×512, CFG batch 4; "
               "the last column scales calibration to the paper's 100 prompts × 25 steps (solves do not scale):", "",
-              "| Hessian matmuls | calibration | packages | calibration (s) | solves (s) | total (s) | peak GPU memory (GB) | "
-              "calibration vs the plain passes it replaces | projected 100 × 25 (min) |", "|---|---|---|---|---|---|---|---|---|"]
+              "| Hessian matmuls | calibration | packages | weights | calibration (s) | solves (s) | total (s) | "
+              "peak GPU memory (GB) | calibration vs the plain passes it replaces | projected 100 × 25 (min) |",
+              "|---" * 10 + "|"]
     for data, label in ((now, "TF32 (default for fp16/bf16)"), (before, "IEEE float32")):
         for r in data.get("prune", []):
-            lines.append(f"| {label} | {r['mode']} | {r['packages']} | {r['calibration_s']:.1f} | {r['solve_s']:.1f} | "
+            lines.append(f"| {label} | {r['mode']} | {r['packages']} | {_gpu_weights(r)} | {r['calibration_s']:.1f} | "
+                         f"{r['solve_s']:.1f} | "
                          f"{r['total_s']:.1f} | {r['peak_memory_gb']:.1f} | {r['calibration_overhead_vs_plain_passes']:+.0%} | "
                          f"{r['projected_100x25_min']:.1f} |")
     h = now.get("hessian", {})
@@ -906,8 +969,7 @@ def render_gpu() -> str:
     if sd3 and "2:4" in sd3["speedup"]:
         lines.append(f"- 2:4 through PyTorch's semi-structured tensors is {1 / sd3['speedup']['2:4']:.1f}x *slower* "
                      "end to end on SD3-medium here; the paper's 2:4 speedup needs kernels we do not have.")
-    runs = {(r["mode"], r["packages"]): r for r in before.get("prune", [])}
-    tf32 = {(r["mode"], r["packages"]): r for r in now.get("prune", [])}
+    runs, tf32 = _plain_gpu_runs(before), _plain_gpu_runs(now)
     if ("exact", 4) in runs and ("exact", 4) in tf32:
         a, b = runs[("exact", 4)], tf32[("exact", 4)]
         lines.append(f"- TF32 Hessians cut calibration from {a['calibration_s']:.1f} s to {b['calibration_s']:.1f} s; "
@@ -1097,7 +1159,7 @@ def render_claims() -> str:
         gpu_text, verdict = "; GPU: not measured", "not testable here (GPU)"
     rows.append("| Structured 30% gives 1.31x and 2:4 1.23x (one SD3.5-large block, RTX 4090; Table 5) | "
                 f"end-to-end CPU sampling of the tiny models: {'; '.join(parts) or 'not measured yet'}{gpu_text} | {verdict} |")
-    runs = {(r["mode"], r["packages"]): r for r in gpu.get("prune", [])}
+    runs = _plain_gpu_runs(gpu)
     if ("exact", 4) in runs:
         r = runs[("exact", 4)]
         rows.append("| SD3-medium prunes in under 15 min on one RTX 4090 (Table 8) | H100, 4 packages, random weights: "
@@ -1125,7 +1187,7 @@ def render_provenance() -> str:
     return "Sweeps and the commit their runs ran at: " + "; ".join(cells) + "." if cells else "_no sweeps yet_"
 
 
-RENDERERS = {"provenance": render_provenance, "claims": render_claims, "gpu": render_gpu, "structured_selection": render_structured_selection, "head_diagnosis": render_head_diagnosis, "hessian_inputs": render_hessian_inputs, "refit": render_refit, "dense_targets": render_dense_targets, "refit_masks": render_refit_masks, "weight_range": render_weight_range,
+RENDERERS = {"provenance": render_provenance, "claims": render_claims, "gpu": render_gpu, "structured_selection": render_structured_selection, "head_diagnosis": render_head_diagnosis, "hessian_inputs": render_hessian_inputs, "refit": render_refit, "dense_targets": render_dense_targets, "admm": render_admm, "refit_masks": render_refit_masks, "weight_range": render_weight_range,
              "solver_settings": render_solver_settings, "robustness": render_robustness,
              "calibration_source": render_calibration_source, "block_sensitivity": render_block_sensitivity,
              "sparsity_ramp": render_sparsity_ramp, "width": render_width, "cached_projection": render_cached_projection, "structured_parts": render_structured_parts,
