@@ -49,7 +49,7 @@ def render_tiny_world() -> str:
 
 
 def render_demo() -> str:
-    """The `make demo` comparison (dense vs OBS-Diff vs magnitude at 50%)."""
+    """The `make demo` comparison (dense vs OBS-Diff, + refit, + ADMM vs magnitude at 50%)."""
     path = RESULTS / "demo" / "report.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
     if not data:

@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("demo", help="prune tiny-sd3 to 50%% with OBS-Diff (with and without --refit) and compare with dense and magnitude")
+    p = sub.add_parser("demo", help="prune tiny-sd3 to 50%% with OBS-Diff (as in the paper, with --refit, with --solver admm) and compare "
+                                       "with dense and magnitude")
     p.add_argument("--model", default=str(REPO_DATA / "tiny-sd3"))
     p.add_argument("--output", type=Path, default=Path("runs/demo"))
     p.add_argument("--num-prompts", type=int, default=64, help="evaluation prompts (default 64)")

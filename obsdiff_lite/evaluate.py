@@ -64,15 +64,16 @@ def evaluate_models(models: dict[str, str | Path], reference: str | Path | None 
     return rows
 
 
-# The demo's pruned models: the paper's OBS-Diff, the same with the least-squares re-fit (beyond the paper), magnitude.
+# The demo's pruned models: the paper's OBS-Diff, the same with the least-squares re-fit and with ADMM (both beyond
+# the paper), magnitude.
 DEMO_RUNS = {"obs-diff": {"method": "obs-diff"}, "obs-diff + refit": {"method": "obs-diff", "refit": True},
-             "magnitude": {"method": "magnitude"}}
+             "obs-diff + admm": {"method": "obs-diff", "solver": "admm"}, "magnitude": {"method": "magnitude"}}
 
 
 def run_demo(output: Path = Path("runs/demo"), model: str | Path | None = None, device: str = "cpu",
              num_prompts: int = 64, sparsity: float = 0.5, calibration_prompts: int = 16, progress: bool = True) -> dict:
-    """Prune tiny-sd3 to 50% with OBS-Diff (the paper's method, then with --refit) and with magnitude; print and
-    save dense vs pruned ShapeBench."""
+    """Prune tiny-sd3 to 50% with OBS-Diff (the paper's method, then with --refit and with --solver admm) and with
+    magnitude; print and save dense vs pruned ShapeBench."""
     from .prune import PruneConfig, prune
 
     model = Path(model) if model else Path(__file__).resolve().parent.parent / "data" / "tiny-sd3"
@@ -92,7 +93,7 @@ def run_demo(output: Path = Path("runs/demo"), model: str | Path | None = None, 
         _, images[label] = sample_shapebench(pipe, num_prompts, progress=progress)
         rows[f"{label} {sparsity:.0%}"] = evaluate(images[label], specs, reference=dense_images)
     print(format_table(rows))
-    # One row of 16 prompts per model: dense | OBS-Diff | OBS-Diff + refit | magnitude.
+    # One row of 16 prompts per model: dense | OBS-Diff | OBS-Diff + refit | OBS-Diff + ADMM | magnitude.
     grid = image_grid(np.concatenate([im[:16] for im in images.values()]), nrow=16)
     grid.save(output / "grid.png")
     result = {"model": str(model), "sparsity": sparsity, "num_prompts": num_prompts,

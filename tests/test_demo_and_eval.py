@@ -18,13 +18,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_demo_writes_report_and_grid(random_sd3_dir, tmp_path):
     result = run_demo(output=tmp_path / "demo", model=random_sd3_dir, num_prompts=4, calibration_prompts=2, progress=False)
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
-    assert report["grid_rows"] == ["dense", "obs-diff", "obs-diff + refit", "magnitude"]
-    assert set(report["scores"]) == {"dense", "obs-diff 50%", "obs-diff + refit 50%", "magnitude 50%"}
+    assert report["grid_rows"] == ["dense", "obs-diff", "obs-diff + refit", "obs-diff + admm", "magnitude"]
+    assert set(report["scores"]) == {"dense", "obs-diff 50%", "obs-diff + refit 50%", "obs-diff + admm 50%",
+                                     "magnitude 50%"}
     assert "psnr" in report["scores"]["obs-diff 50%"] and "psnr" not in report["scores"]["dense"]
-    for method in ("obs-diff", "obs-diff + refit", "magnitude"):
+    for method in ("obs-diff", "obs-diff + refit", "obs-diff + admm", "magnitude"):
         assert abs(report["pruning"][method]["achieved_sparsity"] - 0.5) < 0.005
     grid = Image.open(tmp_path / "demo" / "grid.png")
-    assert grid.size[1] >= 4 * 32 and result["num_prompts"] == 4
+    assert grid.size[1] >= 5 * 32 and result["num_prompts"] == 4
 
 
 def test_eval_cli_prints_table_and_writes_json_and_grid(random_sd3_dir, tmp_path, capsys):
