@@ -425,6 +425,12 @@ def _sparse_keep(scores: Tensor, sparsity: float, n: int, m: int, segments: list
     return keep
 
 
+def _obs_fallback(starts: list[tuple[Tensor, Tensor, dict]], iters: int) -> list[tuple[Tensor, Tensor, dict]]:
+    """The OBS results, marked as kept by ADMM (``admm_kept_obs``) after ``iters`` iterations."""
+    return [(w, k, s | {"recon_error_obs": s["recon_error"], "admm_iters": iters, "admm_mask_changed": 0.0,
+                        "admm_kept_obs": True}) for w, k, s in starts]
+
+
 def admm_sparsify_weights(
     weights: list[Tensor],
     hessian: Tensor,
@@ -476,7 +482,7 @@ def admm_sparsify_weights(
             logger.warning("ADMM%s: the damped Hessian's eigendecomposition is not usable (smallest eigenvalue %g); "
                            "keeping the OBS result. Pass a larger --damp to use ADMM here.", _layer(name),
                            float(eig.min()))
-            return [(w, k, s | {"admm_iters": 0, "admm_mask_changed": 0.0, "admm_kept_obs": True}) for w, k, s in starts]
+            return _obs_fallback(starts, 0)
         target = (W0 * scale) @ Hn  # the least-squares step's right-hand side, in normalised coordinates
         Z = torch.cat([w.detach().to(device, work) for w, _, _ in starts]) * scale
         U = torch.zeros_like(Z)
@@ -500,8 +506,9 @@ def admm_sparsify_weights(
         keep = keep & ~dead.unsqueeze(0)
         W, refit = refit_kept_weights(W0, (Z / scale) * keep, Hd, keep)
         if not bool(torch.isfinite(W).all()):
-            raise ValueError(f"ADMM{_layer(name)} produced NaN/inf (damp={starts[0][2]['damp_used']}); "
-                             "pass a larger --damp or use --solver obs")
+            logger.warning("ADMM%s produced NaN/inf (damp=%g); keeping the OBS result. Pass a larger --damp to use "
+                           "ADMM here.", _layer(name), starts[0][2]["damp_used"])
+            return _obs_fallback(starts, done)
     results = []
     for (a, b), weight, (w_obs, k_obs, stats) in zip(segments, weights, starts):
         recon = recon_error(W, a, b)

@@ -571,8 +571,8 @@ def test_admm_is_deterministic_and_refuses_bad_iterations():
 
 
 def test_admm_falls_back_to_obs_when_it_cannot_help(monkeypatch, caplog):
-    """A closing re-fit that would raise the layer error keeps OBS's result; an unusable eigendecomposition too,
-    with a warning that says what to change."""
+    """A closing re-fit that would raise the layer error keeps OBS's result; an unusable eigendecomposition or
+    non-finite weights too, with a warning that says what to change (never a crash: OBS's result is valid)."""
     import obsdiff_lite.obs as obs
 
     W, _, H = _problem(out=8, d=16, seed=4, corr=0.5)
@@ -587,3 +587,11 @@ def test_admm_falls_back_to_obs_when_it_cannot_help(monkeypatch, caplog):
         new, keep, stats = obs.admm_sparsify_weights([W], H, 0.5, names=["to_q"])[0]
     assert stats["admm_kept_obs"] and stats["admm_iters"] == 0 and torch.equal(new, plain_w)
     assert "'to_q'" in caplog.text and "--damp" in caplog.text
+    monkeypatch.undo()
+    caplog.clear()
+    monkeypatch.setattr(obs, "refit_kept_weights", lambda original, weight, *a, **k: (weight * float("nan"),
+                                                                                      {"refit_iters": 1}))
+    with caplog.at_level(logging.WARNING, logger="obsdiff_lite.obs"):
+        new, keep, stats = obs.admm_sparsify_weights([W], H, 0.5, names=["to_k"])[0]
+    assert stats["admm_kept_obs"] and stats["recon_error_obs"] == stats["recon_error"] and torch.equal(new, plain_w)
+    assert "'to_k' produced NaN/inf" in caplog.text and "--damp" in caplog.text
