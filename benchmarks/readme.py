@@ -369,7 +369,10 @@ def render_dense_targets() -> str:
 def _admm_cases() -> list[tuple[str, int, str, str, float | None]]:
     """(model, calibration prompts, Hessian inputs, pattern, sparsity) of the admm sweep, in table order."""
     cases = [(model, 16, "plain", pattern, sparsity) for model in MODELS_ORDER
-             for pattern, sparsity in (("unstructured", 0.5), ("unstructured", 0.6), ("unstructured", 0.7), ("2:4", None))]
+             for pattern, sparsity in (("unstructured", 0.5), ("unstructured", 0.6), ("unstructured", 0.7), ("2:4", None),
+                                       ("4:8", None))]
+    cases += [("tiny-flux", 16, "guided-image", pattern, sparsity)
+              for pattern, sparsity in (("unstructured", 0.5), ("unstructured", 0.6), ("2:4", None))]
     return cases + [("tiny-sd3", prompts, "guided", pattern, sparsity) for prompts in (16, 100)
                     for pattern, sparsity in (("unstructured", 0.5), ("2:4", None))]
 

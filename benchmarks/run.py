@@ -203,9 +203,12 @@ def experiment_runs(name: str) -> list[dict]:
                                   dense_targets=True, **({"refit": True} if refit else {})) for s in range(5)]
     elif name == "admm":  # beyond the paper: ADMM moves OBS's masks and weights together (paired with quality, refit)
         for model in MODELS:
-            for pattern, sparsity in [("unstructured", s) for s in (0.5, 0.6, 0.7)] + [("2:4", None)]:
+            for pattern, sparsity in [("unstructured", s) for s in (0.5, 0.6, 0.7)] + [("2:4", None), ("4:8", None)]:
                 runs += [dict(model=model, method="obs-diff", pattern=pattern, sparsity=sparsity, seed=s, solver="admm")
                          for s in range(5)]
+        for pattern, sparsity in (("unstructured", 0.5), ("unstructured", 0.6), ("2:4", None)):  # Flux's better inputs
+            runs += [dict(model="tiny-flux", method="obs-diff", pattern=pattern, sparsity=sparsity, seed=s,
+                          hessian_inputs="guided-image", solver="admm") for s in range(5)]
         for num_prompts in (16, 100):  # tiny-sd3's best Hessians (guided), with 16 and the paper's 100 prompts (refit)
             for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
                 runs += [dict(model="tiny-sd3", method="obs-diff", pattern=pattern, sparsity=sparsity, seed=s,
