@@ -420,6 +420,34 @@ def render_admm() -> str:
     return "\n".join(lines)
 
 
+def render_admm_settings() -> str:
+    """Layer errors of OBS + refit and of ADMM with its default and other settings, relative to OBS's, per layer."""
+    data = _load("admm_settings")
+    if not data:
+        return "_not measured yet: run `python benchmarks/admm_settings.py`_"
+    cases = [(model, pattern, measured) for model, patterns in data["models"].items()
+             for pattern, measured in patterns.items()]
+    labels = list(cases[0][2]["solvers"])
+    lines = ["| solver | " + " | ".join(f"{model} {p if ':' in p else f'{float(p):.0%}'}" for model, p, _ in cases)
+             + " |", "|---" * (len(cases) + 1) + "|"]
+    for label in labels:
+        lines.append(f"| {label} | " + " | ".join(f"{m['solvers'][label]['error_vs_obs']:.3f}" for _, _, m in cases) + " |")
+    lines.append("| ADMM (default): seconds for all layers / OBS + refit's | " + " | ".join(
+        f"{m['solvers']['ADMM (default)']['seconds']:.1f} / {m['solvers']['OBS + refit']['seconds']:.1f}"
+        for _, _, m in cases) + " |")
+    lines.append("| ADMM (default): iterations used (layers at the cap) | " + " | ".join(
+        f"{m['admm_iters_default']['min']}–{m['admm_iters_default']['max']} ({m['admm_iters_default']['at_cap']})"
+        for _, _, m in cases) + " |")
+    defaults = data["defaults"]
+    lines.append("")
+    lines.append(f"Each layer's error after the solver divided by its error after OBS (1 = OBS), averaged over all "
+                 f"target layers; every input group solved once on the dense model's Hessians from one calibration pass "
+                 f"({data['num_prompts']} prompts, log-decrease weighting), so no package sees another's pruning. "
+                 f"Defaults: start penalty {defaults['rho']:g}, at most {defaults['iters']} iterations. "
+                 f"{data['threads']} CPU thread. `{data['command']}`.")
+    return "\n".join(lines)
+
+
 STRONG = [0.1, 1.9]  # the widest weight range of the weight_range sweep
 
 
@@ -1190,7 +1218,7 @@ def render_provenance() -> str:
     return "Sweeps and the commit their runs ran at: " + "; ".join(cells) + "." if cells else "_no sweeps yet_"
 
 
-RENDERERS = {"provenance": render_provenance, "claims": render_claims, "gpu": render_gpu, "structured_selection": render_structured_selection, "head_diagnosis": render_head_diagnosis, "hessian_inputs": render_hessian_inputs, "refit": render_refit, "dense_targets": render_dense_targets, "admm": render_admm, "refit_masks": render_refit_masks, "weight_range": render_weight_range,
+RENDERERS = {"provenance": render_provenance, "claims": render_claims, "gpu": render_gpu, "structured_selection": render_structured_selection, "head_diagnosis": render_head_diagnosis, "hessian_inputs": render_hessian_inputs, "refit": render_refit, "dense_targets": render_dense_targets, "admm": render_admm, "admm_settings": render_admm_settings, "refit_masks": render_refit_masks, "weight_range": render_weight_range,
              "solver_settings": render_solver_settings, "robustness": render_robustness,
              "calibration_source": render_calibration_source, "block_sensitivity": render_block_sensitivity,
              "sparsity_ramp": render_sparsity_ramp, "width": render_width, "cached_projection": render_cached_projection, "structured_parts": render_structured_parts,

@@ -48,7 +48,7 @@ REFIT_ITERS = 100  # conjugate-gradient cap for --refit; tiny-sd3's layers reach
 REFIT_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}  # relative residual per row at which the re-fit stops
 # --solver admm: iteration cap, start penalty (relative to the unit diagonal of the normalised Hessian), and its growth
 # factor every ADMM_RHO_EVERY iterations; it stops early once no mask entry changed for ADMM_PATIENCE iterations.
-# On tiny-sd3's layers 60 and 300 iterations end at the same layer error (start 0.1: +3% error, 0.3: +15%).
+# benchmarks/admm_settings.py measures the layer errors of other caps and start penalties on the tiny models.
 ADMM_ITERS, ADMM_RHO, ADMM_RHO_GROWTH, ADMM_RHO_EVERY, ADMM_PATIENCE = 100, 0.03, 1.3, 5, 20
 
 
@@ -441,6 +441,7 @@ def admm_sparsify_weights(
     damp: float = 0.01,
     names: list[str] | None = None,
     iters: int = ADMM_ITERS,
+    rho: float = ADMM_RHO,
 ) -> list[tuple[Tensor, Tensor, dict]]:
     """OBS, then ADMM on mask and weights together, then the re-fit; per weight the better of that and OBS.
 
@@ -448,13 +449,15 @@ def admm_sparsify_weights(
     sparse set (per weight int(numel * sparsity) zeros, or n of every m per row) by ADMM in coordinates where the
     damped H has unit diagonal (so weights are compared like Wanda's |w| * ||x||): a least-squares step towards
     the sparse copy Z (one eigendecomposition of H serves every penalty), a projection of that step onto the pattern
-    (Z), a dual update, with the penalty growing until the mask settles. It starts from the OBS solution, ends with
+    (Z), a dual update, with the penalty (starting at ``rho``) growing until the mask settles, at most ``iters`` steps. It starts from the OBS solution, ends with
     ``refit_kept_weights`` on the final mask, and a weight whose undamped layer error would end above OBS's keeps
     the OBS result. Returns what ``sparsify_weights`` returns, with ``recon_error_obs``, ``admm_iters``,
     ``admm_mask_changed`` (share of entries whose keep/prune decision differs from OBS's) and ``admm_kept_obs``.
     """
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise ValueError(f"ADMM iterations must be an integer >= 0, got {iters!r}")
+    if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
+        raise ValueError(f"the ADMM start penalty must be a finite number > 0, got {rho!r}")
     starts = sparsify_weights(weights, hessian, sparsity, n, m, block_size, damp, names=names)
     names = list(names) if names is not None else [""] * len(weights)
     name = ", ".join(n_ for n_ in names if n_)
@@ -486,7 +489,7 @@ def admm_sparsify_weights(
         target = (W0 * scale) @ Hn  # the least-squares step's right-hand side, in normalised coordinates
         Z = torch.cat([w.detach().to(device, work) for w, _, _ in starts]) * scale
         U = torch.zeros_like(Z)
-        keep, rho, done, stable = obs_keep, ADMM_RHO, 0, 0
+        keep, done, stable = obs_keep, 0, 0
         X = V = None
         while done < iters and stable < ADMM_PATIENCE:
             X = ((target + rho * (Z - U)) @ Q / (eig + rho)) @ Q.T

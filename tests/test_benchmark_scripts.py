@@ -123,3 +123,17 @@ def test_run_plots_draws_the_readme_figures_from_the_results(tmp_path, monkeypat
         png = tmp_path / f"{name}.png"
         assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"benchmarks/results/{name}.png" in (ROOT / "README.md").read_text()  # the README shows each figure
+
+
+def test_admm_settings_script_in_a_small_setting(tmp_path):
+    """Two prompts, one pattern: every solver measured on every layer; ADMM never ends a layer above OBS."""
+    out = tmp_path / "admm.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "admm_settings.py"), "--models", "tiny-flux",
+                           "--prompts", "2", "--patterns", "2:4", "--out", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    measured = json.loads(out.read_text())["models"]["tiny-flux"]["2:4"]
+    assert measured["layers"] > 0 and measured["admm_iters_default"]["min"] > 0
+    for label, solver in measured["solvers"].items():
+        assert 0 < solver["error_vs_obs"] <= solver["worst_vs_obs"] <= 1 + 1e-6, label
+        assert solver["seconds"] > 0

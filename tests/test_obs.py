@@ -568,6 +568,9 @@ def test_admm_is_deterministic_and_refuses_bad_iterations():
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="ADMM iterations"):
             admm_sparsify_weights([W], H, 0.5, iters=bad)
+    for bad in (0.0, -0.1, float("nan"), "0.1"):
+        with pytest.raises(ValueError, match="start penalty"):
+            admm_sparsify_weights([W], H, 0.5, rho=bad)
 
 
 def test_admm_falls_back_to_obs_when_it_cannot_help(monkeypatch, caplog):
