@@ -37,8 +37,10 @@ if TYPE_CHECKING:
 HESSIAN_BYTES = 4  # HessianAccumulator keeps float32
 METHOD_COLORS = {"dense": "black", "magnitude": "tab:gray", "wanda": "tab:orange", "dsnot": "tab:brown", "sparsegpt": "tab:green",
                  "obs-diff": "tab:blue", "obs-diff+refit": "tab:purple", "sparsegpt+refit": "tab:olive",
-                 "wanda+refit": "tab:pink", "magnitude+refit": "tab:cyan", "dsnot+refit": "tab:red"}
+                 "wanda+refit": "tab:pink", "magnitude+refit": "tab:cyan", "dsnot+refit": "tab:red",
+                 "obs-diff+admm": "crimson", "sparsegpt+admm": "darkgreen"}
 REFIT_SUFFIX = "+refit"  # sweep method labels like "obs-diff+refit": that method with PruneConfig(refit=True)
+ADMM_SUFFIX = "+admm"  # "obs-diff+admm": that method with PruneConfig(solver="admm")
 # Short names of a block's units, per block kind (arch.BlockSpec.kind).
 UNIT_NAMES = {"joint": ("qkv", "out", "ff-up", "ff-down"), "single": ("qkv+mlp", "out")}
 
@@ -253,16 +255,18 @@ def sparsity_sweep(model: str | None, methods: Sequence[str], sparsities: Sequen
     """Dense, then every method at every unstructured sparsity and every N:M pattern (``config_sweep``).
 
     A method may carry the suffix "+refit" ("obs-diff+refit"): the same method with the least-squares re-fit of
-    the kept weights (``PruneConfig.refit``, beyond the paper); its runs keep that label.
+    the kept weights (``PruneConfig.refit``, beyond the paper), or "+admm" ("obs-diff+admm"): with ADMM after OBS
+    (``PruneConfig.solver="admm"``, beyond the paper); its runs keep that label.
     """
     from .prune import PruneConfig
 
     pipe = _load(model, device, pipe)
     g = resolve_packages(pipe.transformer, packages)
     settings = [("unstructured", float(s)) for s in sparsities] + [(p, None) for p in patterns]
-    configs = [(method, PruneConfig(method=method.removesuffix(REFIT_SUFFIX), pattern=pattern, sparsity=sparsity,
-                                    packages=g, num_prompts=num_calibration_prompts, seed=seed, weighting=weighting,
-                                    refit=method.endswith(REFIT_SUFFIX)))
+    configs = [(method, PruneConfig(method=method.removesuffix(REFIT_SUFFIX).removesuffix(ADMM_SUFFIX), pattern=pattern,
+                                    sparsity=sparsity, packages=g, num_prompts=num_calibration_prompts, seed=seed,
+                                    weighting=weighting, refit=method.endswith(REFIT_SUFFIX),
+                                    solver="admm" if method.endswith(ADMM_SUFFIX) else "obs"))
                for pattern, sparsity in settings for method in methods]
     return config_sweep(None, configs, num_eval_prompts=num_eval_prompts, seed=seed, pipe=pipe,
                         keep_weights=keep_weights, progress=progress)

@@ -130,6 +130,18 @@ def test_sparsity_sweep_refit_label_runs_the_refit_on_the_same_masks(random_sd3_
         sparsity_sweep(None, ["l1-norm+refit"], [0.5], num_calibration_prompts=2, num_eval_prompts=2, pipe=pipe)
 
 
+def test_sparsity_sweep_admm_label_runs_the_admm_solver(random_sd3_dir):
+    pipe = load_pipeline(random_sd3_dir)
+    runs = sparsity_sweep(None, ["obs-diff", "obs-diff+admm"], [], ["2:4"], num_calibration_prompts=2,
+                          num_eval_prompts=2, pipe=pipe)
+    plain, admm = runs[1:]
+    assert admm.name == "obs-diff+admm 2:4" and admm.report["config"]["solver"] == "admm"
+    assert plain.report["config"]["solver"] == "obs"
+    assert sum(recon_errors(admm.report).values()) < sum(recon_errors(plain.report).values())
+    with pytest.raises(ValueError, match="refines an OBS solution"):
+        sparsity_sweep(None, ["wanda+admm"], [0.5], num_calibration_prompts=2, num_eval_prompts=2, pipe=pipe)
+
+
 def test_package_sweep_cached_one_package_equals_exact(random_sd3_dir):
     pipe = load_pipeline(random_sd3_dir)
     runs = package_sweep(None, [1, "all"], ["exact", "cached"], num_calibration_prompts=2, num_eval_prompts=2,
@@ -167,7 +179,8 @@ def test_config_sweep_labels_runs_and_prunes_only_what_each_config_asks(random_s
 
 def test_every_unstructured_method_has_a_colour():
     from obsdiff_lite.prune import METHODS
-    from obsdiff_lite.viz import METHOD_COLORS, REFIT_SUFFIX
+    from obsdiff_lite.viz import ADMM_SUFFIX, METHOD_COLORS, REFIT_SUFFIX
 
     unstructured = set(METHODS) - {"l1-norm"}  # l1-norm removes whole heads and neurons (viz_structured)
-    assert unstructured | {m + REFIT_SUFFIX for m in ("obs-diff", "sparsegpt")} <= set(METHOD_COLORS)
+    suffixed = {m + suffix for m in ("obs-diff", "sparsegpt") for suffix in (REFIT_SUFFIX, ADMM_SUFFIX)}
+    assert unstructured | suffixed <= set(METHOD_COLORS)
