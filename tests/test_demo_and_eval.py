@@ -79,3 +79,21 @@ def test_readme_section_links_point_at_headings():
     assert not [a for a in links if a not in anchors], "README links to headings that do not exist"
     local = re.findall(r"\]\(((?:notebooks|data|benchmarks)/[^)#]+)\)", text)
     assert local and not [p for p in local if not (ROOT / p).exists()], "README links to files that do not exist"
+
+
+def test_readme_prune_commands_parse_into_valid_configs(monkeypatch):
+    """Every `obsdiff prune` line in the README's code blocks parses and validates (nothing is loaded or run)."""
+    import re
+    import shlex
+
+    from obsdiff_lite.cli import _prune_config, build_parser
+
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    commands = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()
+                if line.strip().startswith("obsdiff prune")]
+    assert len(commands) >= 4, commands
+    monkeypatch.chdir(ROOT)  # the commands name data/prompts/... relative to the checkout
+    for command in commands:
+        args = build_parser().parse_args(shlex.split(command)[1:])
+        _prune_config(args).validate()
