@@ -46,7 +46,8 @@ EVAL_PROMPTS, EVAL_SEED = 120, 0
 CALIB_PROMPTS = 16
 EXPERIMENTS = ("quality", "weighting", "packages", "calibration_size", "structured", "structured_parts",
                "structured_selection", "hessian_inputs", "paper_calibration", "refit", "weight_range", "solver_settings",
-               "robustness", "calibration_source", "block_sensitivity", "sparsity_ramp", "width", "dense_targets", "admm")
+               "robustness", "calibration_source", "block_sensitivity", "sparsity_ramp", "width", "dense_targets", "admm",
+               "acceptance")
 # Off-calibration sampling (robustness sweep): diffusers scheduler classes by sampler name.
 SAMPLERS = {"heun": "FlowMatchHeunDiscreteScheduler"}
 # Calibration prompts other than the tiny world's captions (calibration_source sweep), by name.
@@ -214,6 +215,12 @@ def experiment_runs(name: str) -> list[dict]:
                 runs += [dict(model="tiny-sd3", method="obs-diff", pattern=pattern, sparsity=sparsity, seed=s,
                               hessian_inputs="guided", solver="admm", **({"num_prompts": 100} if num_prompts == 100 else {}))
                          for s in range(5)]
+    elif name == "acceptance":  # the engine's line: tiny-sd3 keeps >= 95% of dense at 50% and 2:4; 10 seeds, one file
+        for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
+            runs.append(dict(model="tiny-sd3", method="magnitude", pattern=pattern, sparsity=sparsity, seed=0))
+            for extra in ({"method": "wanda"}, {"method": "obs-diff"},  # the paper's method, then with two additions
+                          {"method": "obs-diff", "hessian_inputs": "guided", "solver": "admm"}):
+                runs += [dict(model="tiny-sd3", pattern=pattern, sparsity=sparsity, seed=s, **extra) for s in range(10)]
     else:
         raise SystemExit(f"unknown experiment {name!r}")
     return runs
