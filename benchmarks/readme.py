@@ -448,6 +448,49 @@ def render_admm_settings() -> str:
     return "\n".join(lines)
 
 
+ACCEPTANCE_SHARE = 0.95  # the engine issue: OBS-Diff keeps >= 95% of dense ShapeBench adherence at 50% and 2:4
+
+
+def _acceptance_label(setting: dict) -> str:
+    """A method label for the acceptance table: the paper's methods by name, additions spelled out."""
+    label = setting["method"]
+    if setting.get("hessian_inputs", "plain") != "plain":
+        label += f" + {setting['hessian_inputs']} Hessians"
+    if setting.get("solver", "obs") != "obs":
+        label += f" + {setting['solver'].upper()}"
+    return label
+
+
+def render_acceptance() -> str:
+    """The engine's acceptance line on tiny-sd3 (>= 95% of dense at 50% and 2:4, baselines measurably below)."""
+    rows = _rows("acceptance")
+    if not rows:
+        return "_not measured yet: run `python benchmarks/run.py acceptance`_"
+    dense = _load("acceptance").get("dense", {}).get("tiny-sd3", {}).get("full")
+    lines = ["| pattern | method | full adherence | share of dense (95% interval) | − Wanda | − magnitude | "
+             f"keeps {ACCEPTANCE_SHARE:.0%} of dense? |", "|---" * 7 + "|"]
+    for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
+        here = [r for r in rows if r["setting"]["pattern"] == pattern and r["setting"].get("sparsity") == sparsity]
+        wanda = next((r for r in here if r["setting"]["method"] == "wanda"), None)
+        magnitude = next((r for r in here if r["setting"]["method"] == "magnitude"), None)
+        order = ["magnitude", "wanda", "obs-diff"]
+        for row in sorted(here, key=lambda r: (order.index(r["setting"]["method"]), len(r["setting"]))):
+            mean, half = row["full"]["mean"], row["full"]["ci95"]
+            low, high = (mean - half) / dense, (mean + half) / dense
+            verdict = ("yes, the whole interval" if low >= ACCEPTANCE_SHARE else "the mean only" if mean / dense >=
+                       ACCEPTANCE_SHARE else "no")
+            vs = [("–" if other is None or other is row else _fmt(compare(row, other))) for other in (wanda, magnitude)]
+            lines.append(f"| {_pattern_label(pattern, sparsity)} | {_acceptance_label(row['setting'])} | "
+                         f"{_cell(row['full'])} | {mean / dense:.1%} ({low:.1%} – {high:.1%}) | {vs[0]} | {vs[1]} | "
+                         f"{verdict} |")
+    seeds = max(len(r["seeds"]) for r in rows)
+    lines.append("")
+    lines.append(f"tiny-sd3 (dense full adherence {dense:.3f}), 120 evaluation prompts, mean ± 95% interval over {seeds} "
+                 "calibration seeds (magnitude uses no data: one run), differences paired over the same seeds; 16 "
+                 "calibration prompts, 4 packages, log-decrease weighting. `python benchmarks/run.py acceptance`.")
+    return "\n".join(lines)
+
+
 STRONG = [0.1, 1.9]  # the widest weight range of the weight_range sweep
 
 
@@ -1218,7 +1261,7 @@ def render_provenance() -> str:
     return "Sweeps and the commit their runs ran at: " + "; ".join(cells) + "." if cells else "_no sweeps yet_"
 
 
-RENDERERS = {"provenance": render_provenance, "claims": render_claims, "gpu": render_gpu, "structured_selection": render_structured_selection, "head_diagnosis": render_head_diagnosis, "hessian_inputs": render_hessian_inputs, "refit": render_refit, "dense_targets": render_dense_targets, "admm": render_admm, "admm_settings": render_admm_settings, "refit_masks": render_refit_masks, "weight_range": render_weight_range,
+RENDERERS = {"provenance": render_provenance, "claims": render_claims, "gpu": render_gpu, "structured_selection": render_structured_selection, "head_diagnosis": render_head_diagnosis, "hessian_inputs": render_hessian_inputs, "refit": render_refit, "dense_targets": render_dense_targets, "admm": render_admm, "admm_settings": render_admm_settings, "acceptance": render_acceptance, "refit_masks": render_refit_masks, "weight_range": render_weight_range,
              "solver_settings": render_solver_settings, "robustness": render_robustness,
              "calibration_source": render_calibration_source, "block_sensitivity": render_block_sensitivity,
              "sparsity_ramp": render_sparsity_ramp, "width": render_width, "cached_projection": render_cached_projection, "structured_parts": render_structured_parts,
