@@ -215,6 +215,14 @@ def experiment_runs(name: str) -> list[dict]:
                 runs += [dict(model="tiny-sd3", method="obs-diff", pattern=pattern, sparsity=sparsity, seed=s,
                               hessian_inputs="guided", solver="admm", **({"num_prompts": 100} if num_prompts == 100 else {}))
                          for s in range(5)]
+        # Does the tighter fit cost more when the calibration data are unrepresentative? Other prompts (paired with
+        # calibration_source) and very few prompts (paired with calibration_size).
+        for model in MODELS:
+            for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
+                runs += [dict(model=model, method="obs-diff", pattern=pattern, sparsity=sparsity, seed=s, solver="admm",
+                              prompt_source="real-world") for s in range(5)]
+        for n in (2, 4, 16):
+            runs += [dict(model="tiny-sd3", num_prompts=n, sparsity=0.6, seed=s, solver="admm") for s in range(3)]
     elif name == "acceptance":  # the engine's line: tiny-sd3 keeps >= 95% of dense at 50% and 2:4; 10 seeds, one file
         for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
             runs.append(dict(model="tiny-sd3", method="magnitude", pattern=pattern, sparsity=sparsity, seed=0))
