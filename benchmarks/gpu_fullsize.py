@@ -232,9 +232,28 @@ def hessian_precision(args, device) -> dict:
                     samples.append(time.perf_counter() - t0)
             times["tf32" if tf32 else "ieee"] = statistics.median(samples) * 1e3
         diff = (result[True] - result[False]).abs().max() / result[False].abs().max()
-        out[name] = {"median_ms": times, "max_rel_diff": float(diff), "speedup": times["ieee"] / times["tf32"]}
+        out[name] = {"median_ms": times, "max_rel_diff": float(diff), "speedup": times["ieee"] / times["tf32"],
+                     "half_inputs": _half_input_gram(x.to(getattr(torch, name)), result[False], device)}
     out["accumulate"] = hessian_accumulate(rows, width, device)
     return out
+
+
+def _half_input_gram(half: torch.Tensor, exact: torch.Tensor, device) -> dict | str:
+    """X^T X from the half-precision activations themselves with float32 output (``torch.mm(..., out_dtype=)``,
+    tensor cores, float32 accumulation): a candidate for the Hessian hooks, not used by them yet. Time and error."""
+    try:
+        result = torch.mm(half.T, half, out_dtype=torch.float32)
+    except (RuntimeError, NotImplementedError, TypeError) as exc:
+        return f"not available on {device}: {str(exc).splitlines()[0][:120]}"
+    samples = []
+    for _ in range(5):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mm(half.T, half, out_dtype=torch.float32)
+        _sync(device)
+        samples.append(time.perf_counter() - t0)
+    return {"median_ms": statistics.median(samples) * 1e3,
+            "max_rel_diff": float((result - exact).abs().max() / exact.abs().max())}
 
 
 def hessian_accumulate(rows: int, width: int, device) -> dict:

@@ -1055,6 +1055,9 @@ def render_gpu() -> str:
         lines += ["", f"Hessian matmul X^T X ({h['rows']} rows × {h['width']}, one SD3 FFN-down calibration call): "
                   + "; ".join(f"{n} activations {v['median_ms']['ieee']:.1f} ms IEEE vs {v['median_ms']['tf32']:.1f} ms TF32 "
                               f"({v['speedup']:.1f}x), max relative difference {v['max_rel_diff']:.0e}"
+                              + (f", or {v['half_inputs']['median_ms']:.1f} ms from the {n} values with float32 output "
+                                 f"(difference {v['half_inputs']['max_rel_diff']:.0e}; not used by the hooks yet)"
+                                 if isinstance(v.get("half_inputs"), dict) else "")
                               for n, v in h.items() if isinstance(v, dict) and "max_rel_diff" in v)
                   + ". fp16/bf16 values fit TF32's 10-bit mantissa, so only the float32 summation order differs."]
         acc = h.get("accumulate")

@@ -33,6 +33,7 @@ def test_gpu_fullsize_script_runs_on_cpu_in_tiny_mode(tmp_path):
     assert set(accumulate) == {"full_gram_sync_update", "add_batch"} and min(accumulate.values()) > 0
     hessian = result["hessian"]["bfloat16"]
     assert hessian["max_rel_diff"] == 0.0  # on CPU both precisions are IEEE
+    assert hessian["half_inputs"].startswith("not available on cpu")  # float32 output from half inputs: CUDA only
 
 
 def test_gpu_fullsize_prunes_sd35_medium_with_dual_attention_in_tiny_mode(tmp_path):
