@@ -453,6 +453,8 @@ def admm_sparsify_weights(
     ``refit_kept_weights`` on the final mask, and a weight whose undamped layer error would end above OBS's keeps
     the OBS result. Returns what ``sparsify_weights`` returns, with ``recon_error_obs``, ``admm_iters``,
     ``admm_mask_changed`` (share of entries whose keep/prune decision differs from OBS's) and ``admm_kept_obs``.
+    The weights of one input group share the iterations (the loop stops when no mask entry of any of them changed
+    for a while), so unlike ``sparsify_weights`` solving them together is not bit-identical to solving each alone.
     """
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise ValueError(f"ADMM iterations must be an integer >= 0, got {iters!r}")
