@@ -294,6 +294,17 @@ def _find_exact(rows: list[dict], **setting) -> dict | None:
     return next((r for r in rows if r["setting"] == setting), None)
 
 
+def _obs_diff_setting(model: str, prompts: int, inputs: str, pattern: str, sparsity: float | None) -> tuple[dict, str]:
+    """The sweep setting of a plain OBS-Diff run with these calibration prompts and Hessian inputs, and the sweep that
+    holds it: the quality table (16 prompts, plain), the guided-Hessian one, or the paper's 100 prompts."""
+    setting = dict(model=model, method="obs-diff", pattern=pattern, sparsity=sparsity)
+    if inputs != "plain" or prompts == 100:
+        setting["hessian_inputs"] = inputs
+    if prompts == 100:
+        setting["num_prompts"] = 100
+    return setting, "paper_calibration" if prompts == 100 else "quality" if inputs == "plain" else "hessian_inputs"
+
+
 def render_refit() -> str:
     """OBS-Diff with and without the least-squares re-fit of the kept weights, paired over the same seeds."""
     refit = _rows("refit")
@@ -313,12 +324,7 @@ def render_refit() -> str:
                                                                                       (100, "guided"))
               for pattern, sparsity in (("unstructured", 0.5), ("2:4", None))]
     for model, prompts, inputs, pattern, sparsity in cases:
-        setting = dict(model=model, method="obs-diff", pattern=pattern, sparsity=sparsity)
-        if inputs != "plain" or prompts == 100:
-            setting["hessian_inputs"] = inputs
-        if prompts == 100:
-            setting["num_prompts"] = 100
-        source = "paper_calibration" if prompts == 100 else "quality" if inputs == "plain" else "hessian_inputs"
+        setting, source = _obs_diff_setting(model, prompts, inputs, pattern, sparsity)
         base, new = _find_exact(sources[source], **setting), _find_exact(refit, **setting, refit=True)
         if not base or not new:
             continue
@@ -379,12 +385,7 @@ def _admm_cases() -> list[tuple[str, int, str, str, float | None]]:
 
 def _admm_rows(model: str, prompts: int, inputs: str, pattern: str, sparsity: float | None) -> tuple:
     """The OBS-Diff, OBS-Diff + refit and OBS-Diff + ADMM rows of one admm case (None where not measured)."""
-    setting = dict(model=model, method="obs-diff", pattern=pattern, sparsity=sparsity)
-    if inputs != "plain":
-        setting["hessian_inputs"] = inputs
-    if prompts == 100:
-        setting["num_prompts"] = 100
-    source = "paper_calibration" if prompts == 100 else "quality" if inputs == "plain" else "hessian_inputs"
+    setting, source = _obs_diff_setting(model, prompts, inputs, pattern, sparsity)
     return (_find_exact(_rows(source), **setting), _find_exact(_rows("refit"), **setting, refit=True),
             _find_exact(_rows("admm"), **setting, solver="admm"))
 

@@ -31,6 +31,7 @@ inputs; OBS on the moved weights with the usual H then minimises ||W x_dense - W
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
@@ -55,6 +56,17 @@ ADMM_ITERS, ADMM_RHO, ADMM_RHO_GROWTH, ADMM_RHO_EVERY, ADMM_PATIENCE = 100, 0.03
 def _layer(name: str) -> str:
     """Format an optional layer name for messages."""
     return f" of layer {name!r}" if name else ""
+
+
+def _row_segments(weights: list[Tensor]) -> list[tuple[int, int]]:
+    """The (first, end) rows of each weight in the stacked [sum of out_i, in] matrix of one input group."""
+    ends = list(itertools.accumulate(w.shape[0] for w in weights))
+    return list(zip([0, *ends[:-1]], ends))
+
+
+def _half_quadratic(D: Tensor, H: Tensor) -> float:
+    """trace(D H D^T) / 2; with D = W - W' and H = mean 2 x x^T, the layer error mean ||D x||^2."""
+    return float(((D @ H) * D).sum() / 2)
 
 
 def parse_pattern(pattern: str) -> tuple[str, int, int]:
@@ -216,11 +228,8 @@ def refit_kept_weights(
         iters += 1
         residual = float((R.norm(dim=1) / b_norm).max())
 
-    def objective(x: Tensor) -> float:
-        delta = x - original
-        return float(((delta @ hessian) * delta).sum())
-
-    improved = bool(torch.isfinite(W).all()) and objective(W) <= objective(weight * mask)
+    improved = bool(torch.isfinite(W).all()) and (_half_quadratic(W - original, hessian)
+                                                  <= _half_quadratic(weight * mask - original, hessian))
     return (W if improved else weight * mask), {"refit_iters": iters, "refit_residual": residual,
                                                   "refit_kept_start": not improved}
 
@@ -318,10 +327,7 @@ def sparsify_weights(
     work = torch.float64 if hessian.dtype == torch.float64 else torch.float32
     H = hessian.detach().to(device, work)
     W0 = torch.cat([w.detach().to(device, work) for w in weights]) if len(weights) > 1 else weights[0].detach().to(work)
-    bounds = [0]
-    for w in weights:
-        bounds.append(bounds[-1] + w.shape[0])
-    segments = list(zip(bounds[:-1], bounds[1:]))
+    segments = _row_segments(weights)
     if not bool(torch.isfinite(W0).all()):
         raise ValueError(f"weight{_layer(name)} contains NaN/inf before pruning")
     Hinv, info = prepare_inverse_hessian(H, damp=damp, name=name)
@@ -379,8 +385,7 @@ def sparsify_weights(
         W[~keep] = 0.0
 
         def recon_error(Wx: Tensor, a: int, b: int) -> float:
-            dW = W0[a:b] - Wx[a:b]
-            return float(((dW @ H) * dW).sum() / 2)  # H is undamped: prepare_inverse_hessian copies
+            return _half_quadratic(W0[a:b] - Wx[a:b], H)  # H is undamped: prepare_inverse_hessian copies
 
         refit = {}
         if refit_iters > 0:
@@ -392,7 +397,7 @@ def sparsify_weights(
             kept_obs = bool(refit) and recon > obs_errors[i]
             if kept_obs:  # CG minimised the damped loss; on the undamped one a layer must not end worse than OBS
                 W[a:b], recon = W_obs[a:b], obs_errors[i]
-            base = float(((W0[a:b] @ H) * W0[a:b]).sum() / 2)
+            base = _half_quadratic(W0[a:b], H)
             kept = keep[a:b]
             stats = {
                 "sparsity": 1.0 - float(kept.sum()) / kept.numel(),
@@ -468,16 +473,9 @@ def admm_sparsify_weights(
     H = hessian.detach().to(device, work)
     dead = torch.diagonal(H) == 0
     W0 = torch.cat([w.detach().to(device, work) for w in weights])
-    bounds = [0]
-    for w in weights:
-        bounds.append(bounds[-1] + w.shape[0])
-    segments = list(zip(bounds[:-1], bounds[1:]))
+    segments = _row_segments(weights)
     obs_keep = torch.cat([keep for _, keep, _ in starts])
     Hd = damped_hessian(H, starts[0][2]["damp_used"])
-
-    def recon_error(Wx: Tensor, a: int, b: int) -> float:
-        dW = W0[a:b] - Wx[a:b]
-        return float(((dW @ H) * dW).sum() / 2)
 
     with ieee_fp32_matmul(device):
         scale = torch.sqrt(torch.diagonal(Hd))
@@ -516,7 +514,7 @@ def admm_sparsify_weights(
             return _obs_fallback(starts, done)
     results = []
     for (a, b), weight, (w_obs, k_obs, stats) in zip(segments, weights, starts):
-        recon = recon_error(W, a, b)
+        recon = _half_quadratic(W0[a:b] - W[a:b], H)
         kept_obs = recon > stats["recon_error"]
         changed = float((keep[a:b] != k_obs).float().mean())
         new_stats = stats | {"recon_error_obs": stats["recon_error"], "admm_iters": done, "admm_mask_changed": changed,
@@ -524,7 +522,7 @@ def admm_sparsify_weights(
         if kept_obs:
             results.append((w_obs, k_obs, new_stats))
             continue
-        base = float(((W0[a:b] @ H) * W0[a:b]).sum() / 2)
+        base = _half_quadratic(W0[a:b], H)
         kept = keep[a:b]
         new_stats |= {"sparsity": 1.0 - float(kept.sum()) / kept.numel(), "recon_error": recon,
                       "recon_error_rel": recon / base if base > 0 else 0.0}
