@@ -104,8 +104,33 @@ def test_every_sweep_run_is_a_valid_prune_config():
             if "prompt_source" in run:  # drawn by the run's seed from the named list, so seeds differ in prompts
                 assert len(settings["prompts"]) == sweeps.CALIB_PROMPTS
                 assert settings["prompts"] == sweeps.prune_settings(run)["prompts"]
-            assert set(run.get("eval", {})) <= {"steps", "guidance", "sampler"}, run
+            assert set(run.get("eval", {})) <= {"steps", "guidance", "sampler", "prompts"}, run
             assert run.get("eval", {}).get("sampler", "heun") in sweeps.SAMPLERS, run
+            num_eval = run.get("eval", {}).get("prompts", sweeps.EVAL_PROMPTS)
+            assert isinstance(num_eval, int) and num_eval >= sweeps.EVAL_PROMPTS, run  # never fewer than the usual
+
+
+def test_sweep_evaluation_prompts_come_from_the_run(monkeypatch):
+    """``eval: {"prompts": N}`` scores on N ShapeBench prompts, by default EVAL_PROMPTS, always from EVAL_SEED; the
+    acceptance sweep's larger evaluation holds every combination twice."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import run as sweeps
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from obsdiff_lite.shapes.dataset import all_specs, balanced_specs
+
+    asked = []
+    monkeypatch.setattr(sweeps, "sample_shapebench", lambda pipe, n, seed, **kw: asked.append((n, seed)))
+    sweeps.sample(None)
+    sweeps.sample(None, {"prompts": sweeps.ACCEPTANCE_EVAL_PROMPTS})
+    assert asked == [(sweeps.EVAL_PROMPTS, sweeps.EVAL_SEED), (sweeps.ACCEPTANCE_EVAL_PROMPTS, sweeps.EVAL_SEED)]
+    larger = balanced_specs(sweeps.ACCEPTANCE_EVAL_PROMPTS, sweeps.EVAL_SEED)
+    assert larger[: sweeps.EVAL_PROMPTS] == balanced_specs(sweeps.EVAL_PROMPTS, sweeps.EVAL_SEED)  # the usual 120 first
+    assert sorted(map(all_specs().index, larger)) == sorted(list(range(len(all_specs()))) * 2)
+    scored = [r for r in sweeps.experiment_runs("acceptance") if "eval" in r]
+    usual = [r for r in sweeps.experiment_runs("acceptance") if "eval" not in r]
+    assert [{k: v for k, v in r.items() if k != "eval"} for r in scored] == usual  # the same runs, scored again
 
 
 def test_run_plots_draws_the_readme_figures_from_the_results(tmp_path, monkeypatch):
