@@ -508,11 +508,12 @@ def render_acceptance() -> str:
     dense_by_eval["null"] = results.get("dense", {}).get("tiny-sd3", {}).get("full")
     lines = ["| evaluation prompts | pattern | method | full adherence | share of dense (95% interval) | − Wanda | "
              f"− magnitude | keeps {ACCEPTANCE_SHARE:.0%} of dense? |", "|---" * 8 + "|"]
-    denses = []
+    denses, sizes = [], []
     for evaluation in sorted({json.dumps(r["setting"].get("eval"), sort_keys=True) for r in rows}, key=len):
         dense = dense_by_eval[evaluation]
         num_eval = (json.loads(evaluation) or {}).get("prompts", results.get("eval_prompts", 120))
         denses.append(f"{dense:.3f} on {num_eval}")
+        sizes.append(num_eval)
         for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
             here = [r for r in rows if r["setting"]["pattern"] == pattern and r["setting"].get("sparsity") == sparsity
                     and json.dumps(r["setting"].get("eval"), sort_keys=True) == evaluation]
@@ -530,9 +531,11 @@ def render_acceptance() -> str:
                              f"{verdict} |")
     seeds = max(len(r["seeds"]) for r in rows)
     lines.append("")
-    superset = "; the first 120 of the 480 are the 120" if len(denses) > 1 else ""
-    lines.append(f"tiny-sd3 (dense full adherence {' and '.join(denses)} evaluation prompts{superset}), mean ± 95% interval over {seeds} calibration seeds (magnitude uses no data: one run), "
-                 "differences paired over the same seeds; 16 calibration prompts, 4 packages, log-decrease weighting. "
+    # ShapeBench draws its prompts as one seeded sequence, so a larger set starts with the smaller one.
+    superset = f"; the first {min(sizes)} of the {max(sizes)} are the {min(sizes)}" if len(sizes) > 1 else ""
+    lines.append(f"tiny-sd3 (dense full adherence {' and '.join(denses)} evaluation prompts{superset}), mean ± 95% "
+                 f"interval over {seeds} calibration seeds (magnitude uses no data: one run), differences paired over "
+                 "the same seeds; 16 calibration prompts, 4 packages, log-decrease weighting. "
                  "`python benchmarks/run.py acceptance`.")
     return "\n".join(lines)
 

@@ -270,8 +270,7 @@ def sample(pipe, evaluation: dict | None = None):
 
         pipe.scheduler = getattr(diffusers, SAMPLERS[evaluation["sampler"]]).from_config(pipe.scheduler.config)
     return sample_shapebench(pipe, evaluation.get("prompts", EVAL_PROMPTS), EVAL_SEED, progress=False,
-                             steps=evaluation.get("steps"),
-                             guidance=evaluation.get("guidance"))
+                             steps=evaluation.get("steps"), guidance=evaluation.get("guidance"))
 
 
 def dense_reference(model: str, evaluation: dict | None = None):
