@@ -2,11 +2,11 @@
 
     python benchmarks/calibration_overhead.py --model data/tiny-sd3 --prompts 16 --repeats 3
 
-For each package count G, times (interleaved, medians over repeats) G plain inference passes over the
-calibration prompts and the G calibration passes of `prune` (hooks on, Hessians of that package's
-layers accumulated), excluding the OBS solves, once per ``--hessian-inputs`` (``guided`` folds the two CFG
-halves into one input row before X^T X, so its Hessians cost half). Also counts the multiply-adds of one pass
-in the target linears and in their (plain) Hessians. Writes benchmarks/results/calibration_overhead.json.
+For each package count G, times (interleaved, each repeat alternating which goes first; medians over repeats) G
+plain inference passes over the calibration prompts and the G calibration passes of `prune` (hooks on, Hessians of
+that package's layers accumulated), excluding the OBS solves, once per ``--hessian-inputs`` (``guided`` folds the two
+CFG halves into one input row before X^T X, so its Hessians cost half). Also counts the multiply-adds of one pass in
+the target linears and in their (plain) Hessians. Writes benchmarks/results/calibration_overhead.json.
 """
 
 from __future__ import annotations
@@ -69,11 +69,14 @@ def measure(model: str, num_prompts: int, packages: list[int], repeats: int, bat
     for g in packages:
         plan = package_units(blocks(pipe.transformer, arch), g)
         plain, calib = [], {h: [] for h in hessian_inputs}
-        for _ in range(repeats):
+
+        def time_plain() -> None:
             t0 = time.perf_counter()
             for _ in plan:
                 run_pipeline(pipe, prompts, 0, call, batch_size, output_type="latent", progress=False)
             plain.append(time.perf_counter() - t0)
+
+        def time_calibration() -> None:
             for inputs in hessian_inputs:
                 t0 = time.perf_counter()
                 for package in plan:
@@ -81,6 +84,12 @@ def measure(model: str, num_prompts: int, packages: list[int], repeats: int, bat
                     calibrate(pipe, arch, groups, prompts, call, batch_size=batch_size, progress=False,
                               hessian_inputs=inputs)
                 calib[inputs].append(time.perf_counter() - t0)
+
+        for repeat in range(repeats):
+            # Alternate which goes first, so that a machine slowing down or speeding up within a repeat does not
+            # always land on the same side.
+            for part in ((time_plain, time_calibration) if repeat % 2 == 0 else (time_calibration, time_plain)):
+                part()
         p = statistics.median(plain)
         for inputs, times in calib.items():
             c = statistics.median(times)
