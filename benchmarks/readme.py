@@ -994,7 +994,8 @@ def render_overhead() -> str:
                  f"serve, one pass: {', '.join(ratios)}; `guided` folds the two CFG halves into one row first, half "
                  "as many.")
     lines.append("")
-    lines.append(f"Medians of interleaved repeats (the range: each repeat's calibration passes against its own plain "
+    lines.append(f"Medians of interleaved repeats, each alternating whether plain or calibration passes go first (the "
+                 "range: each repeat's calibration passes against its own plain "
                  f"passes), {data['num_prompts']} prompts, {data['threads']} thread; `{data['command']}`.")
     return "\n".join(lines)
 
