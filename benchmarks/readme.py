@@ -483,6 +483,15 @@ def render_admm_calibration() -> str:
     return "\n".join(lines)
 
 
+def _dense_full(results: dict, model: str, evaluation: dict | None = None) -> float | None:
+    """The dense model's full adherence stored with a summarized sweep: at its own sampling settings (no or an empty
+    ``evaluation``), else at the sweep's ``evaluation`` (its ``dense_eval`` entries)."""
+    if not evaluation:
+        return results.get("dense", {}).get(model, {}).get("full")
+    return next((d["scores"]["full"] for d in results.get("dense_eval", [])
+                 if d["model"] == model and d["eval"] == evaluation), None)
+
+
 ACCEPTANCE_SHARE = 0.95  # the engine issue: OBS-Diff keeps >= 95% of dense ShapeBench adherence at 50% and 2:4
 
 
@@ -503,20 +512,21 @@ def render_acceptance() -> str:
     if not rows:
         return "_not measured yet: run `python benchmarks/run.py acceptance`_"
     results = _load("acceptance")
-    dense_by_eval = {json.dumps(d["eval"], sort_keys=True): d["scores"]["full"] for d in results.get("dense_eval", [])
-                     if d["model"] == "tiny-sd3"}
-    dense_by_eval["null"] = results.get("dense", {}).get("tiny-sd3", {}).get("full")
+    usual = results.get("eval_prompts", 120)
+    by_eval: dict[str, list[dict]] = {}  # rows per evaluation setting (none: the usual prompts)
+    for r in rows:
+        by_eval.setdefault(json.dumps(r["setting"].get("eval") or {}, sort_keys=True), []).append(r)
     lines = ["| evaluation prompts | pattern | method | full adherence | share of dense (95% interval) | − Wanda | "
              f"− magnitude | keeps {ACCEPTANCE_SHARE:.0%} of dense? |", "|---" * 8 + "|"]
     denses, sizes = [], []
-    for evaluation in sorted({json.dumps(r["setting"].get("eval"), sort_keys=True) for r in rows}, key=len):
-        dense = dense_by_eval[evaluation]
-        num_eval = (json.loads(evaluation) or {}).get("prompts", results.get("eval_prompts", 120))
+    for evaluation, eval_rows in sorted(((json.loads(k), v) for k, v in by_eval.items()),
+                                        key=lambda item: item[0].get("prompts", usual)):
+        dense = _dense_full(results, "tiny-sd3", evaluation)
+        num_eval = evaluation.get("prompts", usual)
         denses.append(f"{dense:.3f} on {num_eval}")
         sizes.append(num_eval)
         for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
-            here = [r for r in rows if r["setting"]["pattern"] == pattern and r["setting"].get("sparsity") == sparsity
-                    and json.dumps(r["setting"].get("eval"), sort_keys=True) == evaluation]
+            here = [r for r in eval_rows if r["setting"]["pattern"] == pattern and r["setting"].get("sparsity") == sparsity]
             wanda = next((r for r in here if r["setting"]["method"] == "wanda"), None)
             magnitude = next((r for r in here if r["setting"]["method"] == "magnitude"), None)
             order = ["magnitude", "wanda", "obs-diff"]
@@ -635,16 +645,15 @@ def _robustness_cases() -> list[tuple[str, dict | None, dict | None, dict | None
     rb, quality = _load("robustness"), _rows("quality")
     if not rb:
         return []
-    dense_eval = {json.dumps([d["model"], d["eval"]], sort_keys=True): d["scores"]["full"] for d in rb.get("dense_eval", [])}
     cases = []
     for model in MODELS_ORDER:
         base = dict(model=model, pattern="unstructured", sparsity=0.5)
         cases.append((model, None, _find_exact(quality, **base, method="wanda"),
-                      _find_exact(quality, **base, method="obs-diff"), rb["dense"].get(model, {}).get("full")))
+                      _find_exact(quality, **base, method="obs-diff"), _dense_full(rb, model)))
         evaluations = [r["setting"]["eval"] for r in rb["rows"] if r["setting"]["model"] == model]
         for evaluation in [json.loads(e) for e in dict.fromkeys(json.dumps(e, sort_keys=True) for e in evaluations)]:
             rows = [_find_exact(rb["rows"], **base, method=m, eval=evaluation) for m in ("wanda", "obs-diff")]
-            cases.append((model, evaluation, *rows, dense_eval.get(json.dumps([model, evaluation], sort_keys=True))))
+            cases.append((model, evaluation, *rows, _dense_full(rb, model, evaluation)))
     return cases
 
 

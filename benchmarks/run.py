@@ -402,11 +402,11 @@ def _dense_scores(model: str, evaluation: dict | None = None) -> dict:
     """The dense model's ShapeBench scores (cached in dense_reference.json), at its own or other sampling settings."""
     path = RESULTS / "dense_reference.json"
     cache = json.loads(path.read_text()) if path.exists() else {}
-    evaluation = dict(evaluation or {})
-    num_eval = evaluation.pop("prompts", EVAL_PROMPTS)  # in the key's count, so the key says what was scored
-    key = f"{model}:{num_eval}:{EVAL_SEED}" + (f":{json.dumps(evaluation, sort_keys=True)}" if evaluation else "")
+    num_eval = (evaluation or {}).get("prompts", EVAL_PROMPTS)  # in the key's count, so the key says what was scored
+    others = {k: v for k, v in (evaluation or {}).items() if k != "prompts"}
+    key = f"{model}:{num_eval}:{EVAL_SEED}" + (f":{json.dumps(others, sort_keys=True)}" if others else "")
     if key not in cache:
-        cache[key] = dense_reference(model, evaluation | ({"prompts": num_eval} if num_eval != EVAL_PROMPTS else {}))[2]
+        cache[key] = dense_reference(model, evaluation)[2]
         path.write_text(json.dumps(cache, indent=2) + "\n")
     return cache[key]
 
