@@ -50,6 +50,7 @@ def _fractions(text: str) -> list[float]:
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
     from .prune import METHODS
     from .schedules import WEIGHTINGS
+    from .tune import TUNE_LR, TUNE_MAX_CALLS
 
     p.add_argument("model", help="pipeline directory or hub id (e.g. data/tiny-sd3, stabilityai/stable-diffusion-3-medium-diffusers)")
     p.add_argument("--method", default="obs-diff", help=f"{' | '.join(METHODS)} (default obs-diff)")
@@ -102,6 +103,14 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="obs: the paper's one-pass OBS | admm: OBS, then ADMM moves masks and weights together on the "
                         "same layer loss and the kept weights are re-fitted (beyond the paper; obs-diff/sparsegpt, "
                         "unstructured and N:M; never ends a layer above OBS's error)")
+    p.add_argument("--tune-iters", type=int, default=0, metavar="N",
+                   help="after pruning, N Adam steps per block on the kept weights and biases of its target linears "
+                        "towards the dense model's block outputs on the calibration prompts; zeros stay zero (beyond "
+                        "the paper; unstructured and N:M; e.g. 200; keeps a dense copy of the transformer)")
+    p.add_argument("--tune-lr", type=float, default=TUNE_LR, help=f"Adam step size for --tune-iters (default {TUNE_LR})")
+    p.add_argument("--tune-max-calls", type=int, default=TUNE_MAX_CALLS, metavar="K",
+                   help=f"--tune-iters records at most K transformer calls per block, a random subset (default "
+                        f"{TUNE_MAX_CALLS}); on a full-size model keep K small or use --cache-device cpu")
     p.add_argument("--sparsity-ramp", type=float, default=0.0,
                    help="unstructured: sparsity rises linearly over depth from SPARSITY - RAMP in the first block to "
                         "SPARSITY + RAMP in the last, same total (beyond the paper; early blocks are the sensitive ones)")
@@ -134,6 +143,7 @@ def _prune_config(args):
         calibration=args.calibration, refresh_every=args.refresh_every, cache_device=args.cache_device,
         hessian_inputs=args.hessian_inputs, refit=args.refit, sparsity_ramp=args.sparsity_ramp,
         block_sparsity=block_sparsity, dense_targets=args.dense_targets, solver=args.solver,
+        tune_iters=args.tune_iters, tune_lr=args.tune_lr, tune_max_calls=args.tune_max_calls,
     )
 
 
@@ -171,7 +181,8 @@ def cmd_prune(args) -> int:
     print(
         f"pruned {report['arch']} {args.model} with {config.method} ({config.pattern}, "
         f"{report['achieved_sparsity']:.1%} of {report['targeted_parameters']:,} targeted weights) in "
-        f"{t['total_s']:.1f} s (calibration {t['calibration_s']:.1f} s, solve {t['solve_s']:.1f} s) -> {args.output}"
+        f"{t['total_s']:.1f} s (calibration {t['calibration_s']:.1f} s, solve {t['solve_s']:.1f} s"
+        + (f", block tuning {t['tune_s']:.1f} s" if "tune_s" in t else "") + f") -> {args.output}"
     )
     return 0
 

@@ -34,6 +34,7 @@ from .obs import (REFIT_ITERS, admm_sparsify_weights, check_sparsity_args, dense
                   sparsify_weights)
 from .pipelines import pipeline_call
 from .schedules import WEIGHTINGS
+from .tune import TUNE_LR, TUNE_MAX_CALLS
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,9 @@ class PruneConfig:
     block_sparsity: list[float] | None = None  # beyond the paper: one unstructured sparsity per selected block (sparsity=None)
     dense_targets: bool = False  # beyond the paper: OBS targets the dense model's layer outputs (obs.dense_target_weights)
     solver: str = "obs"  # beyond the paper: "admm" refines OBS's masks and weights (obs.admm_sparsify_weights)
+    tune_iters: int = 0  # beyond the paper: Adam steps per block towards the dense block outputs after pruning (tune.py)
+    tune_lr: float = TUNE_LR
+    tune_max_calls: int = TUNE_MAX_CALLS  # recorded transformer calls per block for the tuning
 
     def validate(self) -> None:
         """Refuse impossible settings with one readable line each."""
@@ -105,6 +109,8 @@ class PruneConfig:
             self._validate_dense_targets()
         if self.solver != "obs":
             self._validate_solver()
+        if self.tune_iters:
+            self._validate_tuning()
         if self.refit and self.pattern == "structured":
             raise ValueError("--refit applies to unstructured and N:M pruning; structured OBS already solves its kept "
                              "weights exactly")
@@ -175,6 +181,17 @@ class PruneConfig:
         if self.pattern == "structured":
             raise ValueError("--solver admm applies to unstructured and N:M pruning; structured OBS already solves its "
                              "kept weights exactly")
+
+    def _validate_tuning(self) -> None:
+        """Block tuning keeps the zeros of unstructured and N:M masks; it needs a positive step count and step size."""
+        if isinstance(self.tune_iters, bool) or not isinstance(self.tune_iters, int) or self.tune_iters < 0:
+            raise ValueError(f"tune_iters must be an integer >= 0 (0: no block tuning), got {self.tune_iters!r}")
+        if self.pattern == "structured":
+            raise ValueError("--tune-iters applies to unstructured and N:M pruning")
+        if not (self.tune_lr > 0 and math.isfinite(self.tune_lr)):
+            raise ValueError(f"tune_lr must be a finite number > 0 (e.g. {TUNE_LR}), got {self.tune_lr}")
+        if isinstance(self.tune_max_calls, bool) or not isinstance(self.tune_max_calls, int) or self.tune_max_calls < 1:
+            raise ValueError(f"tune_max_calls must be an integer >= 1, got {self.tune_max_calls!r}")
 
     def _validate_common(self) -> None:
         """Settings shared by every pattern."""
@@ -386,6 +403,8 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
         raise ValueError("--calibration cached is not sharded across ranks; run it in one process or use exact")
     if world > 1 and config.dense_targets:
         raise ValueError("--dense-targets is not sharded across ranks; run it in one process")
+    if world > 1 and config.tune_iters:
+        raise ValueError("--tune-iters is not sharded across ranks; run it in one process")
     if check_memory:
         from .plan import check_memory as check
 
@@ -429,6 +448,10 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
 
     # --dense-targets: a copy of the transformer as it is now, before any pruning, runs next to every calibration pass.
     dense = DenseReference(copy.deepcopy(transformer)) if config.dense_targets and needs_data else None
+    # --tune-iters: the dense model's block outputs are the targets (the same copy when both need one).
+    dense_copy = None
+    if config.tune_iters:
+        dense_copy = dense.transformer if dense is not None else copy.deepcopy(transformer).requires_grad_(False)
 
     def prune_package(p: int, accumulators: dict) -> None:
         t0 = time.perf_counter()
@@ -472,9 +495,15 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
             prune_package(p, accumulators)
     if dense is not None:
         dense.drifts.clear()
+    tuning = None
+    if dense_copy is not None:
+        t0 = time.perf_counter()
+        tuning = _tune(pipe, config, arch, dense_copy, selected, targets, prompts, call, progress)
+        timings["tune_s"] = time.perf_counter() - t0
+        del dense_copy
     timings["total_s"] = time.perf_counter() - start
     if cache_stats is not None:
-        timings["calibration_s"] = timings["total_s"] - timings["solve_s"]
+        timings["calibration_s"] = timings["total_s"] - timings["solve_s"] - timings.get("tune_s", 0.0)
 
     pruned = sum(block_weights.values())
     zeros = sum(int((linear.weight == 0).sum()) for t in targets for _, linear in t.linears())
@@ -494,8 +523,26 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
         "timings": timings,
         "peak_memory_bytes": _peak_memory_bytes(device),
         "cache": cache_stats,
+        "tuning": tuning,
         "device": str(device),
     }
+
+
+def _tune(pipe, config: PruneConfig, arch, dense_copy: nn.Module, selected: list[Block], targets: list, prompts,
+          call: dict, progress: bool) -> dict[str, dict]:
+    """--tune-iters: block tuning of the selected blocks' target linears towards the dense copy (tune.py)."""
+    from .calibrate import StepTracker
+    from .tune import tune_blocks
+
+    linears = {b.name: [] for b in selected}
+    for t in targets:
+        linears[t.block.name] += [lin for _, lin in t.linears()]
+    tracker = StepTracker(pipe.scheduler, arch.timestep_scale, config.effective_weighting, tuple(config.weight_range))
+    tuned = [b for b in selected if linears[b.name]]
+    return tune_blocks(pipe, dense_copy, tuned, linears, prompts, call, tracker, iters=config.tune_iters,
+                       lr=config.tune_lr, seed=config.seed, batch_size=config.batch_size,
+                       max_calls=config.tune_max_calls, progress=progress,
+                       cache_device=None if str(config.cache_device).startswith("disk") else config.cache_device)
 
 
 def run_record(config: PruneConfig, prompts: list[str], arch, call: dict, selected: list[Block],
