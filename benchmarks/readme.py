@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -502,7 +503,23 @@ def _acceptance_label(setting: dict) -> str:
         label += f" + {setting['hessian_inputs']} Hessians"
     if setting.get("solver", "obs") != "obs":
         label += f" + {setting['solver'].upper()}"
+    if setting.get("tune_iters"):
+        label += " + block tuning"
     return label
+
+
+def _tuning_cost(rows: list[dict]) -> str:
+    """', pruning took A s without and B s with it' for the best combination at 2:4 (mean wall time), if measured."""
+    best = {"method": "obs-diff", "hessian_inputs": "guided", "solver": "admm", "pattern": "2:4"}
+    walls = {}
+    for r in rows:
+        setting = r["setting"]
+        if all(setting.get(k) == v for k, v in best.items()) and "prune_wall_s" in r:
+            walls.setdefault(bool(setting.get("tune_iters")), []).append(r["prune_wall_s"]["mean"])
+    if set(walls) != {False, True}:
+        return ""
+    return (f"; for the best combination at 2:4, pruning took {statistics.fmean(walls[False]):.0f} s without and "
+            f"{statistics.fmean(walls[True]):.0f} s with it (one CPU thread, calibration and solves included)")
 
 
 def render_acceptance() -> str:
@@ -517,7 +534,7 @@ def render_acceptance() -> str:
     for r in rows:
         by_eval.setdefault(json.dumps(r["setting"].get("eval") or {}, sort_keys=True), []).append(r)
     lines = ["| evaluation prompts | pattern | method | full adherence | share of dense (95% interval) | − Wanda | "
-             f"− magnitude | keeps {ACCEPTANCE_SHARE:.0%} of dense? |", "|---" * 8 + "|"]
+             f"− magnitude | − the same untuned | keeps {ACCEPTANCE_SHARE:.0%} of dense? |", "|---" * 9 + "|"]
     denses, sizes = [], []
     for evaluation, eval_rows in sorted(((json.loads(k), v) for k, v in by_eval.items()),
                                         key=lambda item: item[0].get("prompts", usual)):
@@ -527,26 +544,38 @@ def render_acceptance() -> str:
         sizes.append(num_eval)
         for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
             here = [r for r in eval_rows if r["setting"]["pattern"] == pattern and r["setting"].get("sparsity") == sparsity]
-            wanda = next((r for r in here if r["setting"]["method"] == "wanda"), None)
-            magnitude = next((r for r in here if r["setting"]["method"] == "magnitude"), None)
+
+            def find(setting: dict, **change) -> dict | None:
+                wanted = {k: v for k, v in (setting | change).items() if v is not None or k == "sparsity"}
+                return next((r for r in here if r["setting"] == wanted), None)
+
             order = ["magnitude", "wanda", "obs-diff"]
-            for row in sorted(here, key=lambda r: (order.index(r["setting"]["method"]), len(r["setting"]))):
+            for row in sorted(here, key=lambda r: (bool(r["setting"].get("tune_iters")), order.index(r["setting"]["method"]),
+                                                   len(r["setting"]))):
+                setting = row["setting"]
                 mean, half = row["full"]["mean"], row["full"]["ci95"]
                 low, high = (mean - half) / dense, (mean + half) / dense
                 verdict = ("yes, the whole interval" if low >= ACCEPTANCE_SHARE else "the mean only" if mean / dense >=
                            ACCEPTANCE_SHARE else "no")
-                vs = [("–" if other is None or other is row else _fmt(compare(row, other))) for other in (wanda, magnitude)]
-                lines.append(f"| {num_eval} | {_pattern_label(pattern, sparsity)} | {_acceptance_label(row['setting'])} | "
+                # Like for like: a tuned row against the tuned baselines, and against itself untuned.
+                baselines = [find({k: v for k, v in setting.items() if k not in ("hessian_inputs", "solver")}, method=m)
+                             for m in ("wanda", "magnitude")]
+                untuned = find(setting, tune_iters=None) if setting.get("tune_iters") else None
+                vs = [("–" if other is None or other is row else _fmt(compare(row, other)))
+                      for other in (*baselines, untuned)]
+                lines.append(f"| {num_eval} | {_pattern_label(pattern, sparsity)} | {_acceptance_label(setting)} | "
                              f"{_cell(row['full'])} | {mean / dense:.1%} ({low:.1%} – {high:.1%}) | {vs[0]} | {vs[1]} | "
-                             f"{verdict} |")
+                             f"{vs[2]} | {verdict} |")
     seeds = max(len(r["seeds"]) for r in rows)
+    tune_iters = sorted({r["setting"]["tune_iters"] for r in rows if r["setting"].get("tune_iters")})
     lines.append("")
     # ShapeBench draws its prompts as one seeded sequence, so a larger set starts with the smaller one.
     superset = f"; the first {min(sizes)} of the {max(sizes)} are the {min(sizes)}" if len(sizes) > 1 else ""
     lines.append(f"tiny-sd3 (dense full adherence {' and '.join(denses)} evaluation prompts{superset}), mean ± 95% "
-                 f"interval over {seeds} calibration seeds (magnitude uses no data: one run), differences paired over "
-                 "the same seeds; 16 calibration prompts, 4 packages, log-decrease weighting. "
-                 "`python benchmarks/run.py acceptance`.")
+                 f"interval over {seeds} calibration seeds (magnitude without tuning uses no data: one run), "
+                 "differences paired over the same seeds; 16 calibration prompts, 4 packages, log-decrease weighting."
+                 + (f" Block tuning: `--tune-iters {tune_iters[0]}` (the same prompts), compared with the baselines "
+                    f"tuned alike{_tuning_cost(rows)}." if tune_iters else "") + " `python benchmarks/run.py acceptance`.")
     return "\n".join(lines)
 
 

@@ -33,6 +33,10 @@ solve-phase transients do not really coexist):
   ``--solver admm`` adds ADMM_HESSIAN_COPIES d x d and ADMM_WEIGHT_COPIES weight-sized buffers instead
   (``obs.admm_sparsify_weights``; its closing re-fit needs fewer).
 
+``--tune-iters`` keeps a copy of the transformer from the start (in every total); the calls it records
+per block afterwards (at most ``--tune-max-calls``, on ``cache_device``) and one block's backward pass
+are not in the plan.
+
 ``--dense-targets`` adds a float32 drift matrix next to every Hessian (counted in the Hessian part), a
 copy of the transformer (model part), the copy's inputs to the package's target layers for one call
 (activations), and the moved weights of the group being solved (solve).
@@ -121,7 +125,7 @@ class Plan:
     hidden: int
     model_bytes: int
     packages: list[PackageMemory]
-    dense_copy_bytes: int = 0  # --dense-targets: the dense copy of the transformer (in every package's total)
+    dense_copy_bytes: int = 0  # --dense-targets / --tune-iters: the dense copy of the transformer (in every total)
 
     def peak_bytes(self, device: str | None = None) -> int:
         """The largest package total on ``device`` (a device type; default: the compute device)."""
@@ -148,8 +152,8 @@ class Plan:
             f"model (all pipeline components, {self.dtype}): {self.model_bytes / scale:.2f} {unit}",
         ]
         if self.dense_copy_bytes:
-            lines.append(f"dense copy of the transformer (--dense-targets, in every total): "
-                         f"{self.dense_copy_bytes / scale:.2f} {unit}; drifts in the Hessian column")
+            lines.append(f"dense copy of the transformer (--dense-targets / --tune-iters, in every total): "
+                         f"{self.dense_copy_bytes / scale:.2f} {unit}; drifts (--dense-targets) in the Hessian column")
         other = [d for d in self.devices if d != dev]
         header = f"{'package':>7}  {'blocks':>7}  {'#Hessians':>9}  {'Hessian ' + unit:>10}  {'activ. ' + unit:>9}  " \
                  f"{'solve ' + unit:>8}  " + (f"cache {unit}  " if self.calibration == "cached" else "") + \
@@ -400,6 +404,7 @@ def plan_memory(model, config, device="cpu", batch_size: int | None = None, num_
     cache_dev = _device_key(config.cache_device or device)
     structured = config.pattern == "structured"
     needs_data = config.method == "obs-diff" if structured else config.method != "magnitude"
+    tuned = bool(getattr(config, "tune_iters", 0))  # block tuning keeps a dense copy of the transformer
     cache = 0
     if needs_data and config.calibration == "cached":
         cache = 2 * num_prompts * cfg_batch * calls_per_step * steps * tokens * hidden * nbytes
@@ -420,7 +425,7 @@ def plan_memory(model, config, device="cpu", batch_size: int | None = None, num_
         solve = max((_solve_bytes(g, config.method, config.pattern, config.refit, dense, admm) for g in solve_groups),
                     default=0)
         solve_dev = hess_dev if structured else compute
-        dense_copy = module_bytes(transformer, dtype) if dense else 0
+        dense_copy = module_bytes(transformer, dtype) if dense or tuned else 0
         by_device = {compute: model_bytes + dense_copy + activations}
         for dev, amount in ((hess_dev, hessians), (solve_dev, solve), (cache_dev, cache)):
             by_device[dev] = by_device.get(dev, 0) + amount
@@ -431,7 +436,8 @@ def plan_memory(model, config, device="cpu", batch_size: int | None = None, num_
         dtype=str(dtype).removeprefix("torch."), hessian_device=str(config.hessian_device or device),
         cache_device=str(config.cache_device or device), batch_size=batch, cfg=cfg_batch * calls_per_step,
         image_tokens=n_image, text_tokens=n_text, hidden=hidden, model_bytes=model_bytes, packages=packages,
-        dense_copy_bytes=module_bytes(transformer, dtype) if getattr(config, "dense_targets", False) and needs_data else 0,
+        dense_copy_bytes=module_bytes(transformer, dtype) if tuned or (getattr(config, "dense_targets", False)
+                                                                        and needs_data) else 0,
     )
 
 

@@ -19,6 +19,7 @@ on a full-size model keep the cap small or use ``cache_device="cpu"``).
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -61,11 +62,28 @@ def _store(value, device):
     return value
 
 
-def _to(value, device):
-    """Move a stored tensor (or tuple) to ``device`` for a forward."""
+def _to(value, device, dtype):
+    """Move a stored tensor (or tuple) to ``device`` for a forward, floating point ones in ``dtype``."""
     if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
-    return value.to(device) if isinstance(value, torch.Tensor) else value
+        return tuple(_to(v, device, dtype) for v in value)
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.to(device, dtype) if value.is_floating_point() else value.to(device)
+
+
+@contextmanager
+def _in_float32(module: nn.Module):
+    """Within the block, ``module``'s half-precision parameters and buffers are float32 (Adam's small steps vanish
+    when rounded to float16/bfloat16 every step); afterwards each is rounded back to its own dtype (zeros stay zero)."""
+    tensors = [t for t in (*module.parameters(), *module.buffers()) if t.dtype in (torch.float16, torch.bfloat16)]
+    dtypes = [t.dtype for t in tensors]
+    for t in tensors:
+        t.data = t.data.float()
+    try:
+        yield
+    finally:
+        for t, dtype in zip(tensors, dtypes):
+            t.data = t.data.to(dtype)
 
 
 def record_block_calls(pipe, dense: nn.Module, block: Block, dense_block: nn.Module, prompts: list[str], call: dict,
@@ -120,11 +138,19 @@ def record_block_calls(pipe, dense: nn.Module, block: Block, dense_block: nn.Mod
 def tune_block(module: nn.Module, linears: list[nn.Linear], calls: list[RecordedCall], *, iters: int,
                lr: float = TUNE_LR, seed: int = 0) -> dict:
     """Adam on the weights and biases of ``linears`` (inside ``module``) towards the recorded dense outputs, zeros
-    kept; returns the weighted loss over all calls before and after and the seconds taken."""
+    kept; returns the weighted loss over all calls before and after and the seconds taken. Half-precision blocks are
+    tuned in float32 and rounded back."""
     if iters < 1 or not calls:
         raise ValueError(f"block tuning needs iters >= 1 and recorded calls, got {iters} iterations, {len(calls)} calls")
+    with _in_float32(module):
+        return _tune_block(module, linears, calls, iters=iters, lr=lr, seed=seed)
+
+
+def _tune_block(module: nn.Module, linears: list[nn.Linear], calls: list[RecordedCall], *, iters: int, lr: float,
+                seed: int) -> dict:
+    """``tune_block`` with the module's parameters in their working dtype."""
     t0 = time.perf_counter()
-    device = linears[0].weight.device
+    device, dtype = linears[0].weight.device, linears[0].weight.dtype
     params = [p for lin in linears for p in (lin.weight, lin.bias) if p is not None]
     masks = [(lin.weight, lin.weight != 0) for lin in linears]
     # Each output tensor scaled by its mean square over the calls, so both streams count alike.
@@ -133,7 +159,7 @@ def tune_block(module: nn.Module, linears: list[nn.Linear], calls: list[Recorded
     total_weight = sum(c.weight for c in calls)
 
     def loss_of(c: RecordedCall) -> torch.Tensor:
-        out = _outputs(module(*_to(c.args, device), **_to(c.kwargs, device)))
+        out = _outputs(module(*_to(c.args, device, dtype), **_to(c.kwargs, device, dtype)))
         terms = [(o.float() - t.to(device).float()).pow(2).mean() / max(s, 1e-30)
                  for o, t, s in zip(out, c.targets, scales) if o is not None and t is not None]
         return sum(terms)

@@ -128,9 +128,17 @@ def test_sweep_evaluation_prompts_come_from_the_run(monkeypatch):
     larger = balanced_specs(sweeps.ACCEPTANCE_EVAL_PROMPTS, sweeps.EVAL_SEED)
     assert larger[: sweeps.EVAL_PROMPTS] == balanced_specs(sweeps.EVAL_PROMPTS, sweeps.EVAL_SEED)  # the usual 120 first
     assert sorted(map(all_specs().index, larger)) == sorted(list(range(len(all_specs()))) * 2)
-    scored = [r for r in sweeps.experiment_runs("acceptance") if "eval" in r]
-    usual = [r for r in sweeps.experiment_runs("acceptance") if "eval" not in r]
+    runs = sweeps.experiment_runs("acceptance")
+    scored = [r for r in runs if "eval" in r and "tune_iters" not in r]
+    usual = [r for r in runs if "eval" not in r]
     assert [{k: v for k, v in r.items() if k != "eval"} for r in scored] == usual  # the same runs, scored again
+    # Block-tuned runs: every method of the larger evaluation (magnitude too, with its calibration seeds) tuned.
+    tuned = [r for r in runs if "tune_iters" in r]
+    assert all(r["tune_iters"] == sweeps.ACCEPTANCE_TUNE_ITERS and r["eval"] == scored[0]["eval"] for r in tuned)
+    untuned_settings = {json.dumps({k: v for k, v in r.items() if k != "seed"}, sort_keys=True) for r in scored}
+    assert {json.dumps({k: v for k, v in r.items() if k not in ("seed", "tune_iters")}, sort_keys=True)
+            for r in tuned} == untuned_settings
+    assert len(tuned) == 10 * len(untuned_settings)
 
 
 def test_run_plots_draws_the_readme_figures_from_the_results(tmp_path, monkeypatch):

@@ -49,6 +49,15 @@ def test_refit_flag_reaches_the_solver(random_flux_dir, tmp_path):
     assert all(v["recon_error"] <= v["recon_error_obs"] * (1 + 1e-6) for v in info["layers"].values())
 
 
+def test_tune_flags_reach_block_tuning(random_sd3_dir, tmp_path, capsys):
+    out = tmp_path / "tuned"
+    assert main(["prune", str(random_sd3_dir), "--output", str(out), "--pattern", "2:4", "--tune-iters", "4",
+                 "--tune-lr", "0.001", "--tune-max-calls", "2", *FAST]) == 0
+    info = json.loads((out / "obsdiff.json").read_text())
+    assert (info["config"]["tune_iters"], info["config"]["tune_lr"], info["config"]["tune_max_calls"]) == (4, 0.001, 2)
+    assert {r["tune_calls"] for r in info["tuning"].values()} == {2} and "block tuning" in capsys.readouterr().out
+
+
 def test_solver_flag_reaches_the_admm_solver(random_sd3_dir, tmp_path):
     out = tmp_path / "admm"
     assert main(["prune", str(random_sd3_dir), "--output", str(out), "--pattern", "2:4", "--solver", "admm", *FAST]) == 0
@@ -111,6 +120,9 @@ def _bad_cases(model, tmp_path):
         "admm of wanda": (["prune", model, "--output", out, "--method", "wanda", "--solver", "admm"],
                           "refines an OBS solution"),
         "unknown solver": (["prune", model, "--output", out, "--solver", "newton"], "unknown solver"),
+        "tuning of structured": (["prune", model, "--output", out, "--pattern", "structured", "--tune-iters", "5"],
+                                 "--tune-iters applies"),
+        "tuning step size": (["prune", model, "--output", out, "--tune-iters", "5", "--tune-lr", "-1"], "tune_lr"),
         "block size zero": (["prune", model, "--output", out, "--block-size", "0"], "block_size"),
         "ramp too steep": (["prune", model, "--output", out, "--sparsity-ramp", "0.6"], "smaller ramp"),
         "block sparsity not numbers": (["prune", model, "--output", out, "--block-sparsity", "0.3,x"], "comma-separated"),

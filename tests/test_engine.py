@@ -261,6 +261,12 @@ def test_block_sparsity_sets_each_block_and_equal_values_are_the_uniform_run(ran
         (dict(solver="newton"), "unknown solver 'newton'"),
         (dict(method="wanda", solver="admm"), "refines an OBS solution"),
         (dict(pattern="structured", sparsity=0.25, solver="admm"), "unstructured and N:M"),
+        (dict(tune_iters=-1), "tune_iters must be an integer >= 0"),
+        (dict(tune_iters=2.5), "tune_iters must be an integer >= 0"),
+        (dict(pattern="structured", sparsity=0.25, tune_iters=5), "--tune-iters applies to unstructured and N:M"),
+        (dict(tune_iters=5, tune_lr=0.0), "tune_lr must be a finite number > 0"),
+        (dict(tune_iters=5, tune_lr=float("nan")), "tune_lr must be a finite number > 0"),
+        (dict(tune_iters=5, tune_max_calls=0), "tune_max_calls must be an integer >= 1"),
     ],
 )
 def test_bad_config_is_refused_before_work(random_sd3_dir, kwargs, match):

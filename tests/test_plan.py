@@ -91,6 +91,17 @@ def test_estimate_bounds_the_measured_peak(random_sd3_dir, random_flux_dir, mode
     assert TINY_BAND[0] <= ratio <= TINY_BAND[1], f"estimate {plan.peak_bytes():,} vs measured {measured:,}"
 
 
+def test_tuning_adds_one_dense_copy_to_every_total(random_flux_dir):
+    """--tune-iters keeps a copy of the transformer from the start: exactly its bytes more in every package."""
+    pipe = load_pipeline(random_flux_dir)
+    plain = plan_memory(pipe, PruneConfig(num_prompts=3, steps=3, batch_size=3, packages=2))
+    tuned = plan_memory(pipe, PruneConfig(num_prompts=3, steps=3, batch_size=3, packages=2, tune_iters=10))
+    copy_bytes = sum(t.numel() * t.element_size() for t in pipe.transformer.parameters())
+    assert tuned.dense_copy_bytes == copy_bytes > 0 and plain.dense_copy_bytes == 0
+    assert [sum(t.by_device.values()) - sum(p.by_device.values()) for t, p in zip(tuned.packages, plain.packages)] == \
+        [copy_bytes] * 2
+
+
 def test_sd3_medium_paper_setting():
     """SD3-medium, 4 vs 1 packages, batch 4, 512 px (1024 image + 333 text tokens), CFG, float16, on cuda.
 
