@@ -373,6 +373,41 @@ def render_dense_targets() -> str:
     return "\n".join(lines)
 
 
+def render_tuning() -> str:
+    """Block tuning after OBS-Diff and after Wanda on both tiny models (beyond the paper), paired with the quality sweep."""
+    rows = _rows("tuning")
+    if not rows:
+        return "_not measured yet: run `python benchmarks/run.py tuning`_"
+    dense = _load("quality").get("dense", {})
+    quality = _rows("quality")
+    iters = rows[0]["setting"]["tune_iters"]
+    lines = ["| model | pattern | OBS-Diff | + block tuning | tuning adds | Wanda | + block tuning | tuning adds | "
+             "tuned: OBS-Diff − Wanda | share of dense, tuned: OBS-Diff / Wanda |", "|---" * 10 + "|"]
+    for model in MODELS_ORDER:
+        for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
+            cells, tuned = [], []
+            for method in ("obs-diff", "wanda"):
+                setting = dict(model=model, method=method, pattern=pattern, sparsity=sparsity)
+                base, new = _find_exact(quality, **setting), _find_exact(rows, **setting, tune_iters=iters)
+                if not base or not new:
+                    break
+                cells += [_cell(base["full"]), _cell(new["full"]), _fmt(compare(new, base))]
+                tuned.append(new)
+            if len(tuned) < 2:
+                continue
+            full = dense.get(model, {}).get("full")
+            shares = " / ".join(f"{t['full']['mean'] / full:.1%}" for t in tuned) if full else "–"
+            lines.append(f"| {model} | {_pattern_label(pattern, sparsity)} | {' | '.join(cells)} | "
+                         f"{_fmt(compare(tuned[0], tuned[1]))} | {shares} |")
+    seeds = max(len(r["seeds"]) for r in rows)
+    lines.append("")
+    lines.append(f"Full adherence on the usual evaluation prompts, mean ± 95% interval over {seeds} calibration seeds, "
+                 "differences paired over the same seeds and evaluation prompts; 16 calibration prompts, 4 packages, the "
+                 f"paper's Hessians and solver; `--tune-iters {iters}`. The untuned columns are the "
+                 "quality table's rows. `python benchmarks/run.py tuning`.")
+    return "\n".join(lines)
+
+
 def _admm_cases() -> list[tuple[str, int, str, str, float | None]]:
     """(model, calibration prompts, Hessian inputs, pattern, sparsity) of the admm sweep, in table order."""
     cases = [(model, 16, "plain", pattern, sparsity) for model in MODELS_ORDER
@@ -1352,7 +1387,7 @@ def render_provenance() -> str:
     return "Sweeps and the commit their runs ran at: " + "; ".join(cells) + "." if cells else "_no sweeps yet_"
 
 
-RENDERERS = {"provenance": render_provenance, "claims": render_claims, "gpu": render_gpu, "structured_selection": render_structured_selection, "head_diagnosis": render_head_diagnosis, "hessian_inputs": render_hessian_inputs, "refit": render_refit, "dense_targets": render_dense_targets, "admm": render_admm, "admm_settings": render_admm_settings, "acceptance": render_acceptance, "admm_calibration": render_admm_calibration, "refit_masks": render_refit_masks, "weight_range": render_weight_range,
+RENDERERS = {"provenance": render_provenance, "claims": render_claims, "gpu": render_gpu, "structured_selection": render_structured_selection, "head_diagnosis": render_head_diagnosis, "hessian_inputs": render_hessian_inputs, "refit": render_refit, "dense_targets": render_dense_targets, "admm": render_admm, "admm_settings": render_admm_settings, "acceptance": render_acceptance, "tuning": render_tuning, "admm_calibration": render_admm_calibration, "refit_masks": render_refit_masks, "weight_range": render_weight_range,
              "solver_settings": render_solver_settings, "robustness": render_robustness,
              "calibration_source": render_calibration_source, "block_sensitivity": render_block_sensitivity,
              "sparsity_ramp": render_sparsity_ramp, "width": render_width, "cached_projection": render_cached_projection, "structured_parts": render_structured_parts,

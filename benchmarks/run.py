@@ -43,12 +43,12 @@ MODELS = ("tiny-sd3", "tiny-flux")
 # 120 balanced evaluation prompts (half of the 240 combinations), the same for every run, so comparisons between
 # methods are paired on identical prompts and noise seeds; evaluation seeds < 10_000 (calibration uses 10_000+).
 EVAL_PROMPTS, EVAL_SEED = 120, 0
-ACCEPTANCE_TUNE_ITERS = 200  # --tune-iters in the acceptance sweep's block-tuned runs
+ACCEPTANCE_TUNE_ITERS = 200  # --tune-iters in the block-tuned runs (acceptance and tuning sweeps)
 ACCEPTANCE_EVAL_PROMPTS = 480  # the acceptance sweep's second, larger evaluation: all 240 combinations twice
 CALIB_PROMPTS = 16
 EXPERIMENTS = ("quality", "weighting", "packages", "calibration_size", "structured", "structured_parts",
                "structured_selection", "hessian_inputs", "paper_calibration", "refit", "weight_range", "solver_settings",
-               "robustness", "calibration_source", "block_sensitivity", "sparsity_ramp", "width", "dense_targets", "admm",
+               "robustness", "calibration_source", "block_sensitivity", "sparsity_ramp", "width", "dense_targets", "admm", "tuning",
                "acceptance")
 # Off-calibration sampling (robustness sweep): diffusers scheduler classes by sampler name.
 SAMPLERS = {"heun": "FlowMatchHeunDiscreteScheduler"}
@@ -225,6 +225,12 @@ def experiment_runs(name: str) -> list[dict]:
                               prompt_source="real-world") for s in range(5)]
         for n in (2, 4, 16):
             runs += [dict(model="tiny-sd3", num_prompts=n, sparsity=0.6, seed=s, solver="admm") for s in range(3)]
+    elif name == "tuning":  # beyond the paper: block tuning after OBS-Diff and after Wanda, both models (paired with quality)
+        for model in MODELS:
+            for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
+                for method in ("obs-diff", "wanda"):
+                    runs += [dict(model=model, method=method, pattern=pattern, sparsity=sparsity, seed=s,
+                                  tune_iters=ACCEPTANCE_TUNE_ITERS) for s in range(5)]
     elif name == "acceptance":  # the engine's line: tiny-sd3 keeps >= 95% of dense at 50% and 2:4; 10 seeds, one file
         # Then the same runs scored on 480 evaluation prompts (every combination twice; the first 120 are the usual
         # ones): on 120 the 2:4 interval straddled the line, and at 0.93 adherence 120 prompts alone leave a standard
@@ -319,6 +325,10 @@ def execute(run: dict) -> dict:
     layer_errors = [layer["recon_error_rel"] for layer in report["layers"].values() if "recon_error_rel" in layer]
     if layer_errors:  # what OBS minimizes: each layer's output error on the calibration Hessian, relative to its output
         extra["layer_error"] = sum(layer_errors) / len(layer_errors)
+    if report.get("tuning"):  # block tuning: how far each block's loss fell, and blocks that kept their pruned weights
+        extra["tune_loss_ratio"] = statistics.fmean(b["tune_loss_after"] / b["tune_loss_before"]
+                                                    for b in report["tuning"].values())
+        extra["tune_kept_start"] = sum(b["tune_kept_start"] for b in report["tuning"].values())
     return {"run": run, "code": code_version(), "scores": scores, "prune_wall_s": wall, "timings": report["timings"],
             "num_packages": report["num_packages"],
             "peak_memory_bytes": report["peak_memory_bytes"], "achieved_sparsity": report["achieved_sparsity"],

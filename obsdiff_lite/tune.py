@@ -18,6 +18,7 @@ on a full-size model keep the cap small or use ``cache_device="cpu"``).
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from tqdm.auto import tqdm
 from .arch import Block
 from .calibrate import StepTracker
 from .pipelines import run_pipeline
+
+log = logging.getLogger(__name__)
 
 TUNE_LR = 1e-4  # Adam step size for --tune-iters; larger ones overshot on tiny-sd3 at 2:4 (probe, 500 steps at 3e-4)
 TUNE_MAX_CALLS = 256  # recorded transformer calls per block (a random subset when there are more)
@@ -139,7 +142,7 @@ def tune_block(module: nn.Module, linears: list[nn.Linear], calls: list[Recorded
                lr: float = TUNE_LR, seed: int = 0) -> dict:
     """Adam on the weights and biases of ``linears`` (inside ``module``) towards the recorded dense outputs, zeros
     kept; returns the weighted loss over all calls before and after and the seconds taken. Half-precision blocks are
-    tuned in float32 and rounded back."""
+    tuned in float32 and rounded back; a block whose loss did not go down keeps its weights (``tune_kept_start``)."""
     if iters < 1 or not calls:
         raise ValueError(f"block tuning needs iters >= 1 and recorded calls, got {iters} iterations, {len(calls)} calls")
     with _in_float32(module):
@@ -157,6 +160,8 @@ def _tune_block(module: nn.Module, linears: list[nn.Linear], calls: list[Recorde
     scales = [sum(float(c.targets[i].float().pow(2).mean()) for c in calls) / len(calls) if calls[0].targets[i]
               is not None else None for i in range(len(calls[0].targets))]
     total_weight = sum(c.weight for c in calls)
+    if not total_weight > 0:
+        raise ValueError("every recorded call has step weight 0; choose a --weight-range with a positive maximum")
 
     def loss_of(c: RecordedCall) -> torch.Tensor:
         out = _outputs(module(*_to(c.args, device, dtype), **_to(c.kwargs, device, dtype)))
@@ -169,6 +174,7 @@ def _tune_block(module: nn.Module, linears: list[nn.Linear], calls: list[Recorde
             return sum(c.weight * float(loss_of(c)) for c in calls) / total_weight
 
     before = full_loss()
+    start = [p.detach().clone() for p in params]
     flags = [p.requires_grad for p in module.parameters()]
     module.requires_grad_(False)
     for p in params:
@@ -190,8 +196,16 @@ def _tune_block(module: nn.Module, linears: list[nn.Linear], calls: list[Recorde
         for p, flag in zip(module.parameters(), flags):
             p.requires_grad_(flag)
     after = full_loss()
-    return {"tune_loss_before": before, "tune_loss_after": after, "tune_calls": len(calls),
-            "tune_s": time.perf_counter() - t0}
+    kept_start = not after < before  # also NaN: the steps diverged
+    if kept_start:  # never leave a block further from the dense one than pruning left it
+        log.warning("block tuning did not lower the loss of this block (%.4g -> %.4g); it keeps its pruned weights. "
+                    "Try a smaller --tune-lr.", before, after)
+        with torch.no_grad():
+            for p, p0 in zip(params, start):
+                p.copy_(p0)
+        after = before
+    return {"tune_loss_before": before, "tune_loss_after": after, "tune_kept_start": kept_start,
+            "tune_calls": len(calls), "tune_s": time.perf_counter() - t0}
 
 
 def tune_blocks(pipe, dense: nn.Module, selected: list[Block], targets: dict[str, list[nn.Linear]],

@@ -99,12 +99,25 @@ def test_half_precision_blocks_are_tuned_in_float32_and_stored_back_in_their_dty
     assert record["tune_loss_after"] < 0.8 * record["tune_loss_before"]
 
 
+def test_a_diverging_block_keeps_its_pruned_weights(caplog):
+    _, pruned, calls = _toy_problem()
+    start = {k: v.clone() for k, v in pruned.state_dict().items()}
+    record = tune_block(pruned, [pruned.up, pruned.down], calls, iters=20, lr=10.0)
+    assert record["tune_kept_start"] and record["tune_loss_after"] == record["tune_loss_before"]
+    assert all(torch.equal(v, pruned.state_dict()[k]) for k, v in start.items())
+    assert "smaller --tune-lr" in caplog.text
+    record = tune_block(pruned, [pruned.up, pruned.down], calls, iters=20, lr=1e-3)
+    assert not record["tune_kept_start"]
+
+
 def test_tune_block_refuses_nothing_to_do():
     _, pruned, calls = _toy_problem()
     with pytest.raises(ValueError, match="iters >= 1"):
         tune_block(pruned, [pruned.up], calls, iters=0)
     with pytest.raises(ValueError, match="recorded calls"):
         tune_block(pruned, [pruned.up], [], iters=5)
+    with pytest.raises(ValueError, match="step weight 0"):
+        tune_block(pruned, [pruned.up], [RecordedCall(c.args, c.kwargs, c.targets, 0.0) for c in calls], iters=5)
 
 
 def _record(pipe, dense, index, max_calls=256):
