@@ -374,7 +374,7 @@ def render_dense_targets() -> str:
 
 
 def render_tuning() -> str:
-    """Block tuning after OBS-Diff and after Wanda on both tiny models (beyond the paper), paired with the quality sweep."""
+    """Block tuning after OBS-Diff and after Wanda on both tiny models (beyond the paper), paired with quality."""
     rows = _rows("tuning")
     if not rows:
         return "_not measured yet: run `python benchmarks/run.py tuning`_"
@@ -401,9 +401,9 @@ def render_tuning() -> str:
                          f"{_fmt(compare(tuned[0], tuned[1]))} | {shares} |")
     seeds = max(len(r["seeds"]) for r in rows)
     lines.append("")
-    lines.append(f"Full adherence on the usual evaluation prompts, mean ± 95% interval over {seeds} calibration seeds, "
-                 "differences paired over the same seeds and evaluation prompts; 16 calibration prompts, 4 packages, the "
-                 f"paper's Hessians and solver; `--tune-iters {iters}`. The untuned columns are the "
+    lines.append(f"Full adherence on the usual evaluation prompts, mean ± 95% interval over {seeds} calibration "
+                 "seeds, differences paired over the same seeds and evaluation prompts; 16 calibration prompts, 4 "
+                 f"packages, the paper's Hessians and solver; `--tune-iters {iters}`. The untuned columns are the "
                  "quality table's rows. `python benchmarks/run.py tuning`.")
     return "\n".join(lines)
 
@@ -585,8 +585,8 @@ def render_acceptance() -> str:
                 return next((r for r in here if r["setting"] == wanted), None)
 
             order = ["magnitude", "wanda", "obs-diff"]
-            for row in sorted(here, key=lambda r: (bool(r["setting"].get("tune_iters")), order.index(r["setting"]["method"]),
-                                                   len(r["setting"]))):
+            for row in sorted(here, key=lambda r: (bool(r["setting"].get("tune_iters")),
+                                                   order.index(r["setting"]["method"]), len(r["setting"]))):
                 setting = row["setting"]
                 mean, half = row["full"]["mean"], row["full"]["ci95"]
                 low, high = (mean - half) / dense, (mean + half) / dense
@@ -610,7 +610,8 @@ def render_acceptance() -> str:
                  f"interval over {seeds} calibration seeds (magnitude without tuning uses no data: one run), "
                  "differences paired over the same seeds; 16 calibration prompts, 4 packages, log-decrease weighting."
                  + (f" Block tuning: `--tune-iters {tune_iters[0]}` (the same prompts), compared with the baselines "
-                    f"tuned alike{_tuning_cost(rows)}." if tune_iters else "") + " `python benchmarks/run.py acceptance`.")
+                    f"tuned alike{_tuning_cost(rows)}." if tune_iters else "")
+                 + " `python benchmarks/run.py acceptance`.")
     return "\n".join(lines)
 
 

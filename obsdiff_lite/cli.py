@@ -118,7 +118,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="unstructured: one sparsity per selected block, comma-separated, instead of --sparsity "
                         "(beyond the paper; e.g. from a block-sensitivity profile, notebook 08)")
     p.add_argument("--refresh-every", type=int, default=0, help="cached mode: re-run the trajectory every K packages")
-    p.add_argument("--cache-device", default=None, help="cached mode: keep block inputs here: cpu, or disk / disk:/DIR (memory-mapped files)")
+    p.add_argument("--cache-device", default=None, help="cached mode: keep block inputs here: cpu, or disk / disk:/DIR (memory-mapped files); "
+                        "--tune-iters: keep its recorded calls here (cpu; disk is ignored there)")
     _add_model_args(p)
 
 

@@ -75,7 +75,7 @@ class PruneConfig:
     hessian_device: str | None = None  # e.g. "cpu" to keep Hessians off the GPU
     calibration: str = "exact"  # exact: the paper's re-run per package | cached: one trajectory (cached.py)
     refresh_every: int = 0  # cached mode: re-run the trajectory with the current model every K packages
-    cache_device: str | None = None  # cached mode: where block inputs are kept (default: the model's device)
+    cache_device: str | None = None  # cached mode / --tune-iters: where block inputs are kept (default: model's device)
     hessian_inputs: str = "plain"  # plain (paper) | guided | guided-image: CFG-combined inputs (calibrate.py)
     refit: bool = False  # beyond the paper: least-squares re-fit of the kept weights after OBS (obs.refit_kept_weights)
     sparsity_ramp: float = 0.0  # beyond the paper: unstructured sparsity from s - ramp (first block) to s + ramp (last)

@@ -144,7 +144,8 @@ def tune_block(module: nn.Module, linears: list[nn.Linear], calls: list[Recorded
     kept; returns the weighted loss over all calls before and after and the seconds taken. Half-precision blocks are
     tuned in float32 and rounded back; a block whose loss did not go down keeps its weights (``tune_kept_start``)."""
     if iters < 1 or not calls:
-        raise ValueError(f"block tuning needs iters >= 1 and recorded calls, got {iters} iterations, {len(calls)} calls")
+        raise ValueError(f"block tuning needs iters >= 1 and recorded calls, got {iters} iterations and "
+                         f"{len(calls)} calls")
     with _in_float32(module):
         return _tune_block(module, linears, calls, iters=iters, lr=lr, seed=seed)
 
