@@ -382,7 +382,8 @@ def summarize() -> None:
                 if vals:
                     row[metric] = mean_ci(vals)
             for metric in ("prune_wall_s", "num_packages", "peak_memory_bytes", "achieved_sparsity", "parameters_after", "macs_after",
-                           "parameters_before", "macs_before", "layer_error", "targeted_parameters"):
+                           "parameters_before", "macs_before", "layer_error", "targeted_parameters", "tune_loss_ratio",
+                           "tune_kept_start"):
                 vals = [r[metric] for r in results if r.get(metric) is not None]
                 if vals:
                     row[metric] = mean_ci(vals)
