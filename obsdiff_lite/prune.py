@@ -27,14 +27,14 @@ from tqdm.auto import tqdm
 
 from .arch import Block, arch_for_transformer, block_units, blocks, get_linear, parse_block_range
 from .baselines import dsnot_prune, magnitude_prune, wanda_prune
-from .calibrate import HESSIAN_INPUTS, DenseReference, calibrate
+from .calibrate import HESSIAN_INPUTS, DenseReference, StepTracker, calibrate
 from .distributed import all_equal, broadcast_module_, rank_and_world
 from .hessian import input_variance, wanda_input_norm
 from .obs import (REFIT_ITERS, admm_sparsify_weights, check_sparsity_args, dense_target_weights, parse_pattern,
                   sparsify_weights)
 from .pipelines import pipeline_call
 from .schedules import WEIGHTINGS
-from .tune import TUNE_LR, TUNE_MAX_CALLS
+from .tune import TUNE_LR, TUNE_MAX_CALLS, tune_blocks
 
 log = logging.getLogger(__name__)
 
@@ -531,9 +531,6 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
 def _tune(pipe, config: PruneConfig, arch, dense_copy: nn.Module, selected: list[Block], targets: list, prompts,
           call: dict, progress: bool) -> dict[str, dict]:
     """--tune-iters: block tuning of the selected blocks' target linears towards the dense copy (tune.py)."""
-    from .calibrate import StepTracker
-    from .tune import tune_blocks
-
     linears = {b.name: [] for b in selected}
     for t in targets:
         linears[t.block.name] += [lin for _, lin in t.linears()]
