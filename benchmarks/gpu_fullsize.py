@@ -12,9 +12,10 @@ the JSON is rewritten after every part, so a run cut short keeps what it measure
     FFN neurons of blocks 1..N-2), interleaved repeats, medians. Paper (Table 5, ONE block of
     SD3.5-large on an RTX 4090): 2:4 1.23x, structured 30% 1.31x.
 ``prune``
-    OBS-Diff at 50% unstructured for each ``--prune-runs`` entry MODE:PACKAGES[:refit|:admm] (e.g. ``exact:4``,
-    ``cached:24``, ``exact:4:refit`` with the least-squares re-fit after each OBS solve, ``exact:4:admm`` with
-    ``--solver admm``) over a reduced calibration set (``--prompts`` x ``--steps`` at 512x512, CFG 7,
+    OBS-Diff at 50% unstructured for each ``--prune-runs`` entry MODE:PACKAGES[:refit|:admm][:tune] (e.g.
+    ``exact:4``, ``cached:24``, ``exact:4:refit`` with the least-squares re-fit after each OBS solve,
+    ``exact:4:admm`` with ``--solver admm``, ``exact:4:admm:tune`` with block tuning after it: TUNE_ITERS steps,
+    at most TUNE_MAX_CALLS recorded calls per block) over a reduced calibration set (``--prompts`` x ``--steps`` at 512x512, CFG 7,
     batch 4): calibration and solve time, peak GPU memory, and one plain pipeline pass over the same
     prompts (for the calibration overhead). Projected to the paper's 100 prompts x 25 steps:
     calibration scales with prompts x steps, solves do not. Paper (Table 8): 14.95 min and 24.05 GB
@@ -74,11 +75,15 @@ def _pipeline(args, model: str, device, dtype):
     return build_random_pipeline(model, device=device, dtype=dtype, overrides=TINY[model] if args.tiny else None)
 
 
+TUNE_ITERS, TUNE_MAX_CALLS = 200, 64  # ":tune" runs: the tiny models' steps; recorded calls capped for GPU memory
+PRUNE_RUN_EXTRAS = ([], ["refit"], ["admm"], ["tune"], ["refit", "tune"], ["admm", "tune"])
+
+
 def prune_run(args, spec: str, device, dtype) -> dict:
-    """Prune a random full-size SD3-medium with OBS-Diff (MODE:PACKAGES[:refit|:admm]) and project to the paper's
-    setting."""
+    """Prune a random full-size SD3-medium with OBS-Diff (MODE:PACKAGES[:refit|:admm][:tune]) and project to the
+    paper's setting."""
     mode, packages, *extra = spec.split(":")
-    refit, solver = extra == ["refit"], "admm" if extra == ["admm"] else "obs"
+    refit, solver, tune = "refit" in extra, "admm" if "admm" in extra else "obs", "tune" in extra
     pipe = _pipeline(args, args.model, device, dtype)
     call = {"num_inference_steps": args.steps, "guidance_scale": 7.0, "height": args.resolution,
             "width": args.resolution, "max_sequence_length": args.text_tokens}
@@ -93,7 +98,9 @@ def prune_run(args, spec: str, device, dtype) -> dict:
         plain_pass_s = time.perf_counter() - t0
     _free(device)
     report = prune(pipe, PruneConfig(sparsity=0.5, packages=int(packages), prompts=prompts, batch_size=4,
-                                     calibration=mode, refit=refit, solver=solver), progress=not args.quiet)
+                                     calibration=mode, refit=refit, solver=solver,
+                                     tune_iters=TUNE_ITERS if tune else 0, tune_max_calls=TUNE_MAX_CALLS),
+                   progress=not args.quiet)
     t = report["timings"]
     scale = (100 * 25) / (args.prompts * args.steps)
     passes = int(packages) if mode == "exact" else 1
@@ -104,6 +111,9 @@ def prune_run(args, spec: str, device, dtype) -> dict:
            "peak_memory_gb": report["peak_memory_bytes"] / 2**30, "achieved_sparsity": report["achieved_sparsity"],
            "cache_gb": report["cache"]["cache_bytes"] / 2**30 if report.get("cache") else None,
            "projected_100x25_min": (t["calibration_s"] * scale + t["solve_s"]) / 60,
+           "tune_iters": TUNE_ITERS if tune else 0, "tune_s": t.get("tune_s"),
+           "tune_loss_ratio": (statistics.fmean(b["tune_loss_after"] / b["tune_loss_before"]
+                                                for b in report["tuning"].values()) if report.get("tuning") else None),
            "paper_min_4_packages": 14.95, "paper_peak_gb_4_packages": 24.05}
     del pipe
     _free(device)
@@ -304,7 +314,7 @@ def main() -> None:
     parser.add_argument("--flux-sparse-backends", nargs="*", default=["cusparselt"],
                         help="2:4 kernels timed for Flux (each is another 12B-parameter copy in GPU memory)")
     parser.add_argument("--prune-runs", nargs="+", default=["exact:4", "cached:24"],
-                        help="MODE:PACKAGES[:refit|:admm] each, MODE exact|cached")
+                        help="MODE:PACKAGES[:refit|:admm][:tune] each, MODE exact|cached")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--resolution", type=int, default=512)
@@ -319,8 +329,9 @@ def main() -> None:
     args = parser.parse_args()
     for spec in args.prune_runs:
         mode, packages, *rest = spec.split(":") + ([] if ":" in spec else [""])
-        if mode not in ("exact", "cached") or not packages.isdigit() or rest not in ([], ["refit"], ["admm"]):
-            parser.error(f"--prune-runs entries are MODE:PACKAGES[:refit|:admm] with MODE exact|cached, got {spec!r}")
+        if mode not in ("exact", "cached") or not packages.isdigit() or rest not in PRUNE_RUN_EXTRAS:
+            parser.error(f"--prune-runs entries are MODE:PACKAGES[:refit|:admm][:tune] with MODE exact|cached, got "
+                         f"{spec!r}")
     if args.tiny:
         args.dtype, args.prompts, args.steps, args.resolution = "float32", 1, 2, 64
         args.latency_resolution, args.text_tokens, args.warmup, args.repeats = 64, 8, 1, 2

@@ -1097,8 +1097,9 @@ def render_speed() -> str:
 
 
 def _gpu_weights(run: dict) -> str:
-    """How a GPU prune run solved its weights: plain OBS (the paper), + the re-fit, or + ADMM."""
-    return "OBS + ADMM" if run.get("solver") == "admm" else "OBS + refit" if run.get("refit") else "OBS"
+    """How a GPU prune run solved its weights: plain OBS (the paper), + the re-fit, or + ADMM; + block tuning."""
+    label = "OBS + ADMM" if run.get("solver") == "admm" else "OBS + refit" if run.get("refit") else "OBS"
+    return label + (f" + block tuning ({run['tune_s']:.0f} s)" if run.get("tune_iters") else "")
 
 
 def _plain_gpu_runs(data: dict) -> dict[tuple[str, int], dict]:

@@ -40,20 +40,24 @@ def test_gpu_fullsize_prunes_sd35_medium_with_dual_attention_in_tiny_mode(tmp_pa
     out = tmp_path / "gpu.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_fullsize.py"), "--tiny", "--quiet", "--device",
                            "cpu", "--model", "sd3.5-medium", "--parts", "prune", "--prune-runs", "exact:2:refit",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+                           "exact:2:admm:tune", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["errors"] == {} and result["model"] == "sd3.5-medium"
-    (run,) = result["prune"]
-    assert (run["mode"], run["packages"], run["refit"], run["solver"]) == ("exact", 2, True, "obs")
-    assert abs(run["achieved_sparsity"] - 0.5) < 0.005
+    refit, tuned = result["prune"]
+    assert (refit["mode"], refit["packages"], refit["refit"], refit["solver"]) == ("exact", 2, True, "obs")
+    assert refit["tune_iters"] == 0 and refit["tune_s"] is None
+    assert (tuned["solver"], tuned["tune_iters"]) == ("admm", 200) and tuned["tune_s"] > 0
+    assert 0 < tuned["tune_loss_ratio"] <= 1  # a block that did not improve keeps its weights: ratio 1
+    for run in (refit, tuned):
+        assert abs(run["achieved_sparsity"] - 0.5) < 0.005
 
 
 def test_gpu_fullsize_refuses_a_malformed_prune_run():
-    for spec in ("exact", "exact:x", "exact:4:fast", "greedy:4"):
+    for spec in ("exact", "exact:x", "exact:4:fast", "greedy:4", "exact:4:tune:admm"):
         proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_fullsize.py"), "--tiny", "--device", "cpu",
                                "--parts", "prune", "--prune-runs", spec], capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 2 and "MODE:PACKAGES[:refit|:admm]" in proc.stderr, (spec, proc.stderr[-500:])
+        assert proc.returncode == 2 and "MODE:PACKAGES[:refit|:admm][:tune]" in proc.stderr, (spec, proc.stderr[-500:])
 
 
 def test_calibration_overhead_script_in_a_small_setting(tmp_path):
