@@ -231,6 +231,9 @@ def experiment_runs(name: str) -> list[dict]:
                 for method in ("obs-diff", "wanda"):
                     runs += [dict(model=model, method=method, pattern=pattern, sparsity=sparsity, seed=s,
                                   tune_iters=ACCEPTANCE_TUNE_ITERS) for s in range(5)]
+        for iters in (50, 500):  # fewer and more steps than the default, where tuning mattered most
+            runs += [dict(model="tiny-sd3", method="obs-diff", pattern="2:4", sparsity=None, seed=s, tune_iters=iters)
+                     for s in range(5)]
     elif name == "acceptance":  # the engine's line: tiny-sd3 keeps >= 95% of dense at 50% and 2:4; 10 seeds, one file
         # Then the same runs scored on 480 evaluation prompts (every combination twice; the first 120 are the usual
         # ones): on 120 the 2:4 interval straddled the line, and at 0.93 adherence 120 prompts alone leave a standard
