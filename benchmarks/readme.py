@@ -399,17 +399,36 @@ def render_tuning() -> str:
             shares = " / ".join(f"{t['full']['mean'] / full:.1%}" for t in tuned) if full else "–"
             lines.append(f"| {model} | {_pattern_label(pattern, sparsity)} | {' | '.join(cells)} | "
                          f"{_fmt(compare(tuned[0], tuned[1]))} | {shares} |")
+    steps = sorted({r["setting"]["tune_iters"] for r in rows if r["setting"]["model"] == "tiny-sd3"
+                    and r["setting"]["pattern"] == "2:4" and r["setting"]["method"] == "obs-diff"})
+    if len(steps) > 1:
+        setting = dict(model="tiny-sd3", method="obs-diff", pattern="2:4", sparsity=None)
+        by_steps = [(0, _find_exact(quality, **setting))] + [(n, _find_exact(rows, **setting, tune_iters=n))
+                                                              for n in steps]
+        reference = dict(by_steps)[iters]
+        lines += ["", f"| tuning steps (tiny-sd3, OBS-Diff, 2:4) | full adherence | − {iters} steps | "
+                  "pruning time (s) |", "|---|---|---|---|"]
+        for n, row in by_steps:
+            if row:
+                # The untuned row comes from an older sweep: its time would not compare, so none is shown.
+                wall = f"{row['prune_wall_s']['mean']:.0f}" if n else "–"
+                lines.append(f"| {n} | {_cell(row['full'])} | {'–' if row is reference else _fmt(compare(row, reference))} "
+                             f"| {wall} |")
     seeds = max(len(r["seeds"]) for r in rows)
     ratios = [v for r in rows for v in r["tune_loss_ratio"]["values"]]
     kept = sum(v for r in rows for v in r["tune_kept_start"]["values"])
     lines.append("")
     lines.append(f"Full adherence on the usual evaluation prompts, mean ± 95% interval over {seeds} calibration "
                  "seeds, differences paired over the same seeds and evaluation prompts; 16 calibration prompts, 4 "
-                 f"packages, the paper's Hessians and solver; `--tune-iters {iters}`. The untuned columns are the "
+                 f"packages, the paper's Hessians and solver; `--tune-iters {iters}`"
+                 + (" in the first table, the step counts named in the second" if len(steps) > 1 else "")
+                 + ". The untuned columns are the "
                  f"quality table's rows. The tuning brought each block's error to the dense block's outputs down to "
                  f"{min(ratios):.2f}–{max(ratios):.2f} of its value after pruning (per run, averaged over blocks); "
-                 f"{'no block' if kept == 0 else f'{kept} blocks in all'} had to keep its pruned weights. "
-                 "`python benchmarks/run.py tuning`.")
+                 f"{'no block' if kept == 0 else f'{kept} blocks in all'} had to keep its pruned weights"
+                 + (" (all runs of both tables). Pruning time: one CPU thread, calibration, solves and tuning; the "
+                    "0-step row is the quality table's."
+                    if len(steps) > 1 else ".") + " `python benchmarks/run.py tuning`.")
     return "\n".join(lines)
 
 
