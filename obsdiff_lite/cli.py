@@ -119,7 +119,7 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                         "(beyond the paper; e.g. from a block-sensitivity profile, notebook 08)")
     p.add_argument("--refresh-every", type=int, default=0, help="cached mode: re-run the trajectory every K packages")
     p.add_argument("--cache-device", default=None, help="cached mode: keep block inputs here: cpu, or disk / disk:/DIR (memory-mapped files); "
-                        "--tune-iters: keep its recorded calls here (cpu; disk is ignored there)")
+                        "--tune-iters: keep its recorded block calls here too")
     _add_model_args(p)
 
 

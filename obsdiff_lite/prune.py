@@ -538,8 +538,7 @@ def _tune(pipe, config: PruneConfig, arch, dense_copy: nn.Module, selected: list
     tuned = [b for b in selected if linears[b.name]]
     return tune_blocks(pipe, dense_copy, tuned, linears, prompts, call, tracker, iters=config.tune_iters,
                        lr=config.tune_lr, seed=config.seed, batch_size=config.batch_size,
-                       max_calls=config.tune_max_calls, progress=progress,
-                       cache_device=None if str(config.cache_device).startswith("disk") else config.cache_device)
+                       max_calls=config.tune_max_calls, cache_device=config.cache_device, progress=progress)
 
 
 def run_record(config: PruneConfig, prompts: list[str], arch, call: dict, selected: list[Block],

@@ -13,7 +13,7 @@ every step), so the sparsity and the N:M pattern are unchanged. Every other para
 
 It is post-training on the calibration prompts, not a closed-form solve: the gain depends on the learning rate and
 step count (defaults measured on the tiny models), and the recorded calls live in memory (``max_calls`` caps them;
-on a full-size model keep the cap small or use ``cache_device="cpu"``).
+on a full-size model keep the cap small or use ``cache_device="cpu"`` or ``"disk"``, as for cached calibration).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import Block
+from .cached import CacheStore
 from .calibrate import StepTracker
 from .pipelines import run_pipeline
 
@@ -56,15 +57,6 @@ def _outputs(value) -> tuple:
     return value if isinstance(value, tuple) else (value,)
 
 
-def _store(value, device):
-    """A detached copy of a tensor (or a tuple of them) on ``device`` (None: where it is); others as they are."""
-    if isinstance(value, tuple):
-        return tuple(_store(v, device) for v in value)
-    if isinstance(value, torch.Tensor):
-        return value.detach().to(device or value.device, copy=True)
-    return value
-
-
 def _to(value, device, dtype):
     """Move a stored tensor (or tuple) to ``device`` for a forward, floating point ones in ``dtype``."""
     if isinstance(value, tuple):
@@ -91,10 +83,12 @@ def _in_float32(module: nn.Module):
 
 def record_block_calls(pipe, dense: nn.Module, block: Block, dense_block: nn.Module, prompts: list[str], call: dict,
                        tracker: StepTracker, *, seed: int = 0, batch_size: int = 8, max_calls: int = TUNE_MAX_CALLS,
-                       cache_device=None, progress: bool = False) -> list[RecordedCall]:
+                       store: CacheStore | None = None, progress: bool = False) -> list[RecordedCall]:
     """Run the pipeline over ``prompts`` with the pruned model; for every transformer call record ``block``'s inputs
-    and the dense copy's ``dense_block`` outputs on the same call (at most ``max_calls``, a seeded random subset)."""
+    and the dense copy's ``dense_block`` outputs on the same call (at most ``max_calls``, a seeded random subset), kept
+    by ``store`` (the cached calibration's: where they were made, another device, or memory-mapped files)."""
     transformer = pipe.transformer
+    store = store or CacheStore()
     calls: list[RecordedCall] = []
     current: dict = {}
     generator = torch.Generator().manual_seed(seed)
@@ -108,7 +102,7 @@ def record_block_calls(pipe, dense: nn.Module, block: Block, dense_block: nn.Mod
             pass
 
     def dense_output(module: nn.Module, args: tuple, output) -> None:
-        current["targets"] = _store(_outputs(output), cache_device)
+        current["targets"] = store.put(_outputs(output))
         raise _Stop
 
     def block_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -116,7 +110,7 @@ def record_block_calls(pipe, dense: nn.Module, block: Block, dense_block: nn.Mod
             raise RuntimeError(f"the dense copy did not reach {block.name} in this call; block tuning needs the "
                                "transformer to run the same blocks on every call")
         seen[0] += 1
-        record = RecordedCall(_store(args, cache_device), _store(kwargs, cache_device), current.pop("targets"),
+        record = RecordedCall(store.put(args), {k: store.put(v) for k, v in kwargs.items()}, current.pop("targets"),
                               tracker.weight)
         if len(calls) < max_calls:  # reservoir sampling: every call equally likely to be kept
             calls.append(record)
@@ -219,8 +213,9 @@ def tune_blocks(pipe, dense: nn.Module, selected: list[Block], targets: dict[str
     dense_modules = dict(dense.named_modules())
     records = {}
     for block in tqdm(selected, desc="tuning blocks", disable=not progress):
+        store = CacheStore(cache_device)  # one per block: its files (with "disk") go when the next block's store comes
         calls = record_block_calls(pipe, dense, block, dense_modules[block.name], prompts, call, tracker, seed=seed,
-                                   batch_size=batch_size, max_calls=max_calls, cache_device=cache_device)
+                                   batch_size=batch_size, max_calls=max_calls, store=store)
         records[block.name] = tune_block(block.module, targets[block.name], calls, iters=iters, lr=lr,
                                          seed=seed + block.index)
     return records
