@@ -290,6 +290,11 @@ def render_hessian_inputs() -> str:
     return "\n".join(lines)
 
 
+def _without(setting: dict, *keys: str) -> dict:
+    """``setting`` without ``keys`` (the same setting but for those choices)."""
+    return {k: v for k, v in setting.items() if k not in keys}
+
+
 def _find_exact(rows: list[dict], **setting) -> dict | None:
     """The row whose setting is exactly ``setting`` (no other keys), e.g. plain Hessians rather than guided ones."""
     return next((r for r in rows if r["setting"] == setting), None)
@@ -603,11 +608,6 @@ def render_acceptance() -> str:
         sizes.append(num_eval)
         for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
             here = [r for r in eval_rows if r["setting"]["pattern"] == pattern and r["setting"].get("sparsity") == sparsity]
-
-            def find(setting: dict, **change) -> dict | None:
-                wanted = {k: v for k, v in (setting | change).items() if v is not None or k == "sparsity"}
-                return next((r for r in here if r["setting"] == wanted), None)
-
             order = ["magnitude", "wanda", "obs-diff"]
             for row in sorted(here, key=lambda r: (bool(r["setting"].get("tune_iters")),
                                                    order.index(r["setting"]["method"]), len(r["setting"]))):
@@ -617,9 +617,9 @@ def render_acceptance() -> str:
                 verdict = ("yes, the whole interval" if low >= ACCEPTANCE_SHARE else "the mean only" if mean / dense >=
                            ACCEPTANCE_SHARE else "no")
                 # Like for like: a tuned row against the tuned baselines, and against itself untuned.
-                baselines = [find({k: v for k, v in setting.items() if k not in ("hessian_inputs", "solver")}, method=m)
+                baselines = [_find_exact(here, **_without(setting, "method", "hessian_inputs", "solver"), method=m)
                              for m in ("wanda", "magnitude")]
-                untuned = find(setting, tune_iters=None) if setting.get("tune_iters") else None
+                untuned = _find_exact(here, **_without(setting, "tune_iters")) if setting.get("tune_iters") else None
                 vs = [("–" if other is None or other is row else _fmt(compare(row, other)))
                       for other in (*baselines, untuned)]
                 lines.append(f"| {num_eval} | {_pattern_label(pattern, sparsity)} | {_acceptance_label(setting)} | "
