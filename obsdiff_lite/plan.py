@@ -404,7 +404,10 @@ def plan_memory(model, config, device="cpu", batch_size: int | None = None, num_
     cache_dev = _device_key(config.cache_device or device)
     structured = config.pattern == "structured"
     needs_data = config.method == "obs-diff" if structured else config.method != "magnitude"
-    tuned = bool(getattr(config, "tune_iters", 0))  # block tuning keeps a dense copy of the transformer
+    dense = bool(getattr(config, "dense_targets", False)) and needs_data
+    admm = getattr(config, "solver", "obs") == "admm"
+    # --dense-targets and block tuning (--tune-iters) keep a dense copy of the transformer from the start
+    dense_copy = module_bytes(transformer, dtype) if dense or getattr(config, "tune_iters", 0) else 0
     cache = 0
     if needs_data and config.calibration == "cached":
         cache = 2 * num_prompts * cfg_batch * calls_per_step * steps * tokens * hidden * nbytes
@@ -412,7 +415,6 @@ def plan_memory(model, config, device="cpu", batch_size: int | None = None, num_
     packages = []
     for index, (block_ids, groups, solve_groups) in enumerate(_package_layers(transformer, config)):
         widths = [lin.in_features for lin in groups.values()] if needs_data else []
-        dense = bool(getattr(config, "dense_targets", False)) and needs_data
         hessians = sum(d * d * HESSIAN_BYTES for d in widths) * (2 if dense else 1)  # + one drift per Hessian
         d_max = max(widths, default=0)
         rows = batch * cfg_batch * tokens
@@ -421,11 +423,9 @@ def plan_memory(model, config, device="cpu", batch_size: int | None = None, num_
             activations = rows * hidden * nbytes * ACTIVATION_FACTOR + rows * d_max * 4 + d_max * d_max * 4
             activations += _pending_guided_bytes(arch_spec, groups, config.hessian_inputs, call, batch * tokens, nbytes)
             activations += rows * sum(widths) * nbytes if dense else 0  # the dense copy's inputs, one call
-        admm = getattr(config, "solver", "obs") == "admm"
         solve = max((_solve_bytes(g, config.method, config.pattern, config.refit, dense, admm) for g in solve_groups),
                     default=0)
         solve_dev = hess_dev if structured else compute
-        dense_copy = module_bytes(transformer, dtype) if dense or tuned else 0
         by_device = {compute: model_bytes + dense_copy + activations}
         for dev, amount in ((hess_dev, hessians), (solve_dev, solve), (cache_dev, cache)):
             by_device[dev] = by_device.get(dev, 0) + amount
@@ -436,8 +436,7 @@ def plan_memory(model, config, device="cpu", batch_size: int | None = None, num_
         dtype=str(dtype).removeprefix("torch."), hessian_device=str(config.hessian_device or device),
         cache_device=str(config.cache_device or device), batch_size=batch, cfg=cfg_batch * calls_per_step,
         image_tokens=n_image, text_tokens=n_text, hidden=hidden, model_bytes=model_bytes, packages=packages,
-        dense_copy_bytes=module_bytes(transformer, dtype) if tuned or (getattr(config, "dense_targets", False)
-                                                                        and needs_data) else 0,
+        dense_copy_bytes=dense_copy,
     )
 
 
