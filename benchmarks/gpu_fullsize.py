@@ -15,8 +15,8 @@ the JSON is rewritten after every part, so a run cut short keeps what it measure
     OBS-Diff at 50% unstructured for each ``--prune-runs`` entry MODE:PACKAGES[:refit|:admm][:tune] (e.g.
     ``exact:4``, ``cached:24``, ``exact:4:refit`` with the least-squares re-fit after each OBS solve,
     ``exact:4:admm`` with ``--solver admm``, ``exact:4:admm:tune`` with block tuning after it: TUNE_ITERS steps,
-    at most TUNE_MAX_CALLS recorded calls per block) over a reduced calibration set (``--prompts`` x ``--steps`` at 512x512, CFG 7,
-    batch 4): calibration and solve time, peak GPU memory, and one plain pipeline pass over the same
+    at most TUNE_MAX_CALLS recorded calls per block) over a reduced calibration set (``--prompts`` x ``--steps`` at
+    512x512, CFG 7, batch 4): calibration and solve time, peak GPU memory, and one plain pipeline pass over the same
     prompts (for the calibration overhead). Projected to the paper's 100 prompts x 25 steps:
     calibration scales with prompts x steps, solves do not. Paper (Table 8): 14.95 min and 24.05 GB
     peak with 4 packages on a 48 GB RTX 4090 (its peak includes the text encoders; ours are stand-ins).
@@ -44,6 +44,7 @@ from obsdiff_lite.baselines import magnitude_prune  # noqa: E402
 from obsdiff_lite.fullsize import build_random_pipeline  # noqa: E402
 from obsdiff_lite.pipelines import run_pipeline  # noqa: E402
 from obsdiff_lite.prune import PruneConfig, prune  # noqa: E402
+from obsdiff_lite.tune import mean_loss_ratio  # noqa: E402
 
 FLUX_LATENCY_MIN_BYTES = 60 * 2**30  # dense + structured + 2:4 copies of Flux.1-dev in bfloat16 (about 24 GB each)
 _TINY_SD3 = {"num_layers": 3, "num_attention_heads": 2, "caption_projection_dim": 128, "pooled_projection_dim": 64,
@@ -112,8 +113,7 @@ def prune_run(args, spec: str, device, dtype) -> dict:
            "cache_gb": report["cache"]["cache_bytes"] / 2**30 if report.get("cache") else None,
            "projected_100x25_min": (t["calibration_s"] * scale + t["solve_s"]) / 60,
            "tune_iters": TUNE_ITERS if tune else 0, "tune_s": t.get("tune_s"),
-           "tune_loss_ratio": (statistics.fmean(b["tune_loss_after"] / b["tune_loss_before"]
-                                                for b in report["tuning"].values()) if report.get("tuning") else None),
+           "tune_loss_ratio": mean_loss_ratio(report["tuning"]) if report.get("tuning") else None,
            "paper_min_4_packages": 14.95, "paper_peak_gb_4_packages": 24.05}
     del pipe
     _free(device)

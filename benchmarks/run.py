@@ -36,6 +36,7 @@ from obsdiff_lite.pipelines import load_pipeline  # noqa: E402
 from obsdiff_lite.prune import PruneConfig, prune, read_prompts  # noqa: E402
 from obsdiff_lite.schedules import WEIGHTINGS  # noqa: E402
 from obsdiff_lite.shapes.bench import evaluate  # noqa: E402
+from obsdiff_lite.tune import mean_loss_ratio  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 RAW = RESULTS / "raw"
@@ -329,8 +330,7 @@ def execute(run: dict) -> dict:
     if layer_errors:  # what OBS minimizes: each layer's output error on the calibration Hessian, relative to its output
         extra["layer_error"] = sum(layer_errors) / len(layer_errors)
     if report.get("tuning"):  # block tuning: how far each block's loss fell, and blocks that kept their pruned weights
-        extra["tune_loss_ratio"] = statistics.fmean(b["tune_loss_after"] / b["tune_loss_before"]
-                                                    for b in report["tuning"].values())
+        extra["tune_loss_ratio"] = mean_loss_ratio(report["tuning"])
         extra["tune_kept_start"] = sum(b["tune_kept_start"] for b in report["tuning"].values())
     return {"run": run, "code": code_version(), "scores": scores, "prune_wall_s": wall, "timings": report["timings"],
             "num_packages": report["num_packages"],

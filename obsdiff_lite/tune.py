@@ -19,6 +19,7 @@ on a full-size model keep the cap small or use ``cache_device="cpu"`` or ``"disk
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -201,6 +202,11 @@ def _tune_block(module: nn.Module, linears: list[nn.Linear], calls: list[Recorde
         after = before
     return {"tune_loss_before": before, "tune_loss_after": after, "tune_kept_start": kept_start,
             "tune_calls": len(calls), "tune_s": time.perf_counter() - t0}
+
+
+def mean_loss_ratio(records: dict[str, dict]) -> float:
+    """The blocks' loss after tuning over their loss before, averaged over the blocks of ``tune_blocks``' records."""
+    return statistics.fmean(r["tune_loss_after"] / r["tune_loss_before"] for r in records.values())
 
 
 def tune_blocks(pipe, dense: nn.Module, selected: list[Block], targets: dict[str, list[nn.Linear]],
