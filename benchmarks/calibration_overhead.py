@@ -5,13 +5,17 @@
 For each package count G, times (interleaved, each repeat alternating which goes first; medians over repeats) G
 plain inference passes over the calibration prompts and the G calibration passes of `prune` (hooks on, Hessians of
 that package's layers accumulated), excluding the OBS solves, once per ``--hessian-inputs`` (``guided`` folds the two
-CFG halves into one input row before X^T X, so its Hessians cost half). Also counts the multiply-adds of one pass in
-the target linears and in their (plain) Hessians. Writes benchmarks/results/calibration_overhead.json.
+CFG halves into one input row before X^T X, so its Hessians cost half). Each calibration pass is also timed once more
+with the accumulators' X^T X switched off (``without_gram``; hooks, step tracking, input reshapes, running-mean
+bookkeeping and finiteness checks still run), which splits the overhead into the Hessians' arithmetic and everything
+around it. Also counts the multiply-adds of one pass in the target linears and in their (plain) Hessians. Writes
+benchmarks/results/calibration_overhead.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -23,12 +27,24 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from obsdiff_lite import hessian  # noqa: E402
 from obsdiff_lite.arch import arch_for_transformer, blocks  # noqa: E402
 from obsdiff_lite.calibrate import HESSIAN_INPUTS, calibrate  # noqa: E402
 from obsdiff_lite.pipelines import call_kwargs, load_pipeline, run_pipeline  # noqa: E402
 from obsdiff_lite.prune import default_prompts, package_units  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "calibration_overhead.json"
+
+
+@contextlib.contextmanager
+def without_gram():
+    """Within the block, Hessian accumulators skip their X^T X (all else runs), to time calibration without it."""
+    original = hessian.add_gram_upper_
+    hessian.add_gram_upper_ = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        hessian.add_gram_upper_ = original
 
 
 def multiply_adds(pipe, arch, prompts: list[str], call: dict, batch_size: int) -> dict:
@@ -68,7 +84,7 @@ def measure(model: str, num_prompts: int, packages: list[int], repeats: int, bat
     out = {"multiply_adds": multiply_adds(pipe, arch, prompts, call, batch_size), "runs": []}
     for g in packages:
         plan = package_units(blocks(pipe.transformer, arch), g)
-        plain, calib = [], {h: [] for h in hessian_inputs}
+        plain, calib, no_gram = [], {h: [] for h in hessian_inputs}, {h: [] for h in hessian_inputs}
 
         def time_plain() -> None:
             t0 = time.perf_counter()
@@ -78,12 +94,14 @@ def measure(model: str, num_prompts: int, packages: list[int], repeats: int, bat
 
         def time_calibration() -> None:
             for inputs in hessian_inputs:
-                t0 = time.perf_counter()
-                for package in plan:
-                    groups = {t.key: t.linears()[0][1] for unit in package for t in unit}
-                    calibrate(pipe, arch, groups, prompts, call, batch_size=batch_size, progress=False,
-                              hessian_inputs=inputs)
-                calib[inputs].append(time.perf_counter() - t0)
+                for times, context in ((calib, contextlib.nullcontext), (no_gram, without_gram)):
+                    t0 = time.perf_counter()
+                    with context():
+                        for package in plan:
+                            groups = {t.key: t.linears()[0][1] for unit in package for t in unit}
+                            calibrate(pipe, arch, groups, prompts, call, batch_size=batch_size, progress=False,
+                                      hessian_inputs=inputs)
+                    times[inputs].append(time.perf_counter() - t0)
 
         for repeat in range(repeats):
             # Alternate which goes first, so that a machine slowing down or speeding up within a repeat does not
@@ -93,11 +111,15 @@ def measure(model: str, num_prompts: int, packages: list[int], repeats: int, bat
         p = statistics.median(plain)
         for inputs, times in calib.items():
             c = statistics.median(times)
+            n = statistics.median(no_gram[inputs])
             paired = [ct / pt - 1 for ct, pt in zip(times, plain)]  # each repeat's calibration vs its own plain passes
             out["runs"].append({"packages": g, "hessian_inputs": inputs, "plain_s": p, "calibration_s": c,
                                 "overhead": c / p - 1, "overhead_range": [min(paired), max(paired)],
-                                "plain_all_s": plain, "calibration_all_s": times})
-            print(f"{model} G={g} {inputs}: plain {p:.2f} s, calibration {c:.2f} s, overhead {c / p - 1:+.1%}", flush=True)
+                                "without_gram_s": n, "without_gram_overhead": n / p - 1,
+                                "plain_all_s": plain, "calibration_all_s": times,
+                                "without_gram_all_s": no_gram[inputs]})
+            print(f"{model} G={g} {inputs}: plain {p:.2f} s, calibration {c:.2f} s, overhead {c / p - 1:+.1%} "
+                  f"({n / p - 1:+.1%} without X^T X)", flush=True)
     return out
 
 

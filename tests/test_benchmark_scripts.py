@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -70,10 +72,29 @@ def test_calibration_overhead_script_in_a_small_setting(tmp_path):
     measured = json.loads(out.read_text())["models"]["tiny-sd3"]
     assert {(r["packages"], r["hessian_inputs"]) for r in measured["runs"]} == {
         (g, h) for g in (1, 2) for h in ("plain", "guided")}
-    assert all(r["plain_s"] > 0 and r["calibration_s"] > 0 for r in measured["runs"])
+    assert all(r["plain_s"] > 0 and r["calibration_s"] > 0 and r["without_gram_s"] > 0 for r in measured["runs"])
+    assert all(r["without_gram_overhead"] == r["without_gram_s"] / r["plain_s"] - 1 for r in measured["runs"])
     assert all(r["overhead_range"][0] == r["overhead_range"][1] == r["overhead"] for r in measured["runs"])  # 1 repeat
     counts = measured["multiply_adds"]
     assert counts["hessian_per_linear"] == counts["hessians"] / counts["linears"] and 0.5 < counts["hessian_per_linear"] < 2
+
+
+def test_calibration_overhead_without_gram_skips_only_the_hessians_arithmetic():
+    """Inside ``without_gram`` an accumulator counts its rows but its Hessian stays zero; outside it adds X^T X again."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import calibration_overhead
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from obsdiff_lite.hessian import HessianAccumulator
+
+    x = torch.randn(10, 6)
+    acc = HessianAccumulator(6)
+    with calibration_overhead.without_gram():
+        acc.add_batch(x)
+    assert acc.num_rows == 10 and acc.weight_sum == 10.0 and not acc.hessian.any()
+    acc.add_batch(x)  # the running mean over 20 rows, of which the first 10 added nothing
+    torch.testing.assert_close(acc.hessian, 2 * x.T @ x / 20)
 
 
 def test_every_sweep_run_is_a_valid_prune_config():
