@@ -73,3 +73,46 @@ def test_sd35_medium_dual_attention_blocks_are_described_by_arch():
         for name, module in block.module.named_modules():
             if isinstance(module, torch.nn.Linear):
                 assert name in names or "norm" in name, f"{block.name}.{name} is neither a target nor AdaLN"
+
+
+def test_one_sd3_medium_block_admm_and_block_tuning():
+    """The two steps beyond the paper at full width: ADMM after OBS on the 1536-wide attention output (2:4), and
+    block tuning of a bfloat16 block (tuned in float32, rounded back) with its zeros and its other weights kept."""
+    from diffusers.models.attention import JointTransformerBlock
+
+    from obsdiff_lite.obs import admm_sparsify_weights
+    from obsdiff_lite.tune import RecordedCall, tune_block
+
+    torch.manual_seed(0)
+    module = JointTransformerBlock(dim=1536, num_attention_heads=24, attention_head_dim=64, context_pre_only=False).eval()
+    out_proj = module.get_submodule("attn.to_out.0")
+    acc = HessianAccumulator(1536)
+    handle = out_proj.register_forward_pre_hook(lambda m, a: acc.add_batch(a[0].reshape(-1, 1536)))
+    calls = []
+    for _ in range(2):
+        kwargs = {"hidden_states": torch.randn(1, 64, 1536), "encoder_hidden_states": torch.randn(1, 16, 1536),
+                  "temb": torch.randn(1, 1536)}
+        with torch.no_grad():
+            calls.append(RecordedCall((), kwargs, tuple(module(**kwargs)), 1.0))
+    handle.remove()
+
+    [(new, keep, stats)] = admm_sparsify_weights([out_proj.weight.data], acc.hessian, n=2, m=4, iters=5)
+    assert new.shape == (1536, 1536) and torch.isfinite(new).all()
+    assert (keep.reshape(1536, -1, 4).sum(-1) == 2).all() and torch.equal(new != 0, keep)
+    assert stats["recon_error"] <= stats["recon_error_obs"]
+
+    module = module.to(torch.bfloat16)
+    tuned = [module.get_submodule(name) for name in ("attn.to_q", "ff.net.2")]
+    for linear in tuned:  # magnitude 50% per row
+        w = linear.weight.data
+        w.mul_(w.abs() >= w.abs().float().median(dim=1, keepdim=True).values.to(w.dtype))
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    record = tune_block(module, tuned, calls, iters=3)
+    assert record["tune_loss_after"] < record["tune_loss_before"] and not record["tune_kept_start"]
+    assert record["tune_calls"] == 2
+    for name, p in module.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.isfinite(p).all(), name
+        if name.startswith(("attn.to_q.", "ff.net.2.")):
+            assert torch.equal(p == 0, before[name] == 0) if name.endswith("weight") else p.shape == before[name].shape
+        else:
+            assert torch.equal(p, before[name]), name
