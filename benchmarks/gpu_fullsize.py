@@ -100,7 +100,7 @@ def prune_run(args, spec: str, device, dtype) -> dict:
     _free(device)
     report = prune(pipe, PruneConfig(sparsity=0.5, packages=int(packages), prompts=prompts, batch_size=4,
                                      calibration=mode, refit=refit, solver=solver,
-                                     tune_iters=TUNE_ITERS if tune else 0, tune_max_calls=TUNE_MAX_CALLS),
+                                     **({"tune_iters": TUNE_ITERS, "tune_max_calls": TUNE_MAX_CALLS} if tune else {})),
                    progress=not args.quiet)
     t = report["timings"]
     scale = (100 * 25) / (args.prompts * args.steps)

@@ -111,6 +111,9 @@ class PruneConfig:
             self._validate_solver()
         if self.tune_iters:
             self._validate_tuning()
+        elif self.tune_lr != TUNE_LR or self.tune_max_calls != TUNE_MAX_CALLS:
+            raise ValueError("--tune-lr / --tune-max-calls set up block tuning, which is off; add --tune-iters N "
+                             "(e.g. 200) or drop them")
         if self.refit and self.pattern == "structured":
             raise ValueError("--refit applies to unstructured and N:M pruning; structured OBS already solves its kept "
                              "weights exactly")
@@ -203,6 +206,15 @@ class PruneConfig:
             raise ValueError("--calibration cached supports unstructured and N:M patterns; use exact for structured")
         if self.refresh_every < 0:
             raise ValueError(f"refresh_every must be >= 0, got {self.refresh_every}")
+        if self.refresh_every and self.calibration != "cached":
+            raise ValueError("--refresh-every re-samples cached calibration's trajectory; add --calibration cached or "
+                             "drop it")
+        if self.cache_device is not None and self.calibration != "cached" and not self.tune_iters:
+            raise ValueError("--cache-device keeps the block inputs of --calibration cached and of --tune-iters; with "
+                             "neither it has nothing to keep (drop it)")
+        if self.guidance is not None and not (self.guidance >= 0 and math.isfinite(self.guidance)):
+            raise ValueError(f"guidance must be a finite number >= 0 (values <= 1 turn classifier-free guidance off), "
+                             f"got {self.guidance}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
         lo, hi = self.weight_range

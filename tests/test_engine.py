@@ -267,6 +267,13 @@ def test_block_sparsity_sets_each_block_and_equal_values_are_the_uniform_run(ran
         (dict(tune_iters=5, tune_lr=0.0), "tune_lr must be a finite number > 0"),
         (dict(tune_iters=5, tune_lr=float("nan")), "tune_lr must be a finite number > 0"),
         (dict(tune_iters=5, tune_max_calls=0), "tune_max_calls must be an integer >= 1"),
+        # settings that would be silently ignored are refused too
+        (dict(tune_lr=3e-4), "block tuning, which is off; add --tune-iters"),
+        (dict(tune_max_calls=8), "block tuning, which is off; add --tune-iters"),
+        (dict(refresh_every=2), "add --calibration cached"),
+        (dict(cache_device="cpu"), "nothing to keep"),
+        (dict(guidance=-3.0), "guidance must be a finite number >= 0"),
+        (dict(guidance=float("nan")), "guidance must be a finite number >= 0"),
     ],
 )
 def test_bad_config_is_refused_before_work(random_sd3_dir, kwargs, match):
