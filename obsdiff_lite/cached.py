@@ -84,6 +84,18 @@ class CacheStore:
             self._dir.cleanup()
 
 
+def to_device(value, device, dtype: torch.dtype | None = None):
+    """A stored value (a tensor, or a tuple, list or dict of them) on ``device``, floating point tensors also in
+    ``dtype`` if given; other values pass through unchanged."""
+    if isinstance(value, dict):
+        return {k: to_device(v, device, dtype) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device, dtype) for v in value)
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.to(device, dtype) if dtype is not None and value.is_floating_point() else value.to(device)
+
+
 def capture_block_inputs(pipe, arch: ArchSpec, block: Block, prompts: list[str], call: dict, seed: int,
                          batch_size: int, store: CacheStore | None = None, progress: bool = True) -> list[CachedCall]:
     """Run the full pipeline once and record every call's keyword inputs to ``block``."""
@@ -107,18 +119,24 @@ def capture_block_inputs(pipe, arch: ArchSpec, block: Block, prompts: list[str],
 @torch.no_grad()
 def propagate(cache: list[CachedCall], chain: list[Block], keep: bool = True,
               on_call: Callable[[CachedCall], None] | None = None, store: CacheStore | None = None) -> list[CachedCall]:
-    """Run each cached call through ``chain`` (consecutive blocks); return the inputs of the next block."""
+    """Run each cached call through ``chain`` (consecutive blocks); return the inputs of the next block.
+
+    Every input goes to each block's device first (the cache may be on another one: ``--cache-device cpu``)."""
     out = []
     store = store or CacheStore()
+    streams = ("hidden_states", "encoder_hidden_states")
     for record in cache:
         if on_call is not None:
             on_call(record)
         kwargs = record.kwargs
         hidden, encoder = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
+        others: dict = {}  # the call's other inputs (temb, rotary embeddings, ...), moved once per device
         for block in chain:
-            param = next(block.module.parameters())
-            encoder, hidden = block.module(**(kwargs | {"hidden_states": hidden.to(param.device),
-                                                         "encoder_hidden_states": encoder.to(param.device)}))
+            device = next(block.module.parameters()).device
+            if device not in others:
+                others[device] = to_device({k: v for k, v in kwargs.items() if k not in streams}, device)
+            encoder, hidden = block.module(**(others[device] | {"hidden_states": hidden.to(device),
+                                                                "encoder_hidden_states": encoder.to(device)}))
         if keep:
             where = kwargs["hidden_states"].device
             out.append(CachedCall(record.step_index, kwargs | {"hidden_states": store.put(hidden.to(where)),

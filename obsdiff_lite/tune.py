@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import Block
-from .cached import CacheStore
+from .cached import CacheStore, to_device
 from .calibrate import StepTracker
 from .pipelines import run_pipeline
 
@@ -56,15 +56,6 @@ class RecordedCall:
 def _outputs(value) -> tuple:
     """A block's outputs as a tuple of tensors-or-None."""
     return value if isinstance(value, tuple) else (value,)
-
-
-def _to(value, device, dtype):
-    """Move a stored tensor (or tuple) to ``device`` for a forward, floating point ones in ``dtype``."""
-    if isinstance(value, tuple):
-        return tuple(_to(v, device, dtype) for v in value)
-    if not isinstance(value, torch.Tensor):
-        return value
-    return value.to(device, dtype) if value.is_floating_point() else value.to(device)
 
 
 @contextmanager
@@ -160,7 +151,7 @@ def _tune_block(module: nn.Module, linears: list[nn.Linear], calls: list[Recorde
         raise ValueError("every recorded call has step weight 0; choose a --weight-range with a positive maximum")
 
     def loss_of(c: RecordedCall) -> torch.Tensor:
-        out = _outputs(module(*_to(c.args, device, dtype), **_to(c.kwargs, device, dtype)))
+        out = _outputs(module(*to_device(c.args, device, dtype), **to_device(c.kwargs, device, dtype)))
         terms = [(o.float() - t.to(device).float()).pow(2).mean() / max(s, 1e-30)
                  for o, t, s in zip(out, c.targets, scales) if o is not None and t is not None]
         return sum(terms)

@@ -114,3 +114,33 @@ def test_cached_calibration_names_the_layer_with_non_finite_inputs(random_sd3_di
     linear.register_forward_pre_hook(lambda m, a: None if in_transformer else (torch.full_like(a[0], float("nan")),))
     with pytest.raises(ValueError, match=rf"activations of layer '{last.name}\.ff\.net\.2' contain NaN/inf"):
         prune(pipe, PruneConfig(sparsity=0.5, packages="blocks", calibration="cached", **FAST), progress=False)
+
+
+def test_propagation_moves_every_cached_input_to_the_blocks_device(random_dir):
+    """The cache can live on another device than the blocks (--cache-device cpu with a GPU model): every input,
+    temb and rotary embeddings included, must be moved. Blocks on the meta device stand in for a GPU here: an input
+    left on the CPU fails as it would on CUDA."""
+    import copy
+
+    from obsdiff_lite.arch import Block
+
+    pipe = load_pipeline(random_dir)
+    arch = arch_for_transformer(pipe.transformer)
+    chain = blocks(pipe.transformer, arch)
+    call = call_kwargs(pipe.obsdiff_generation) | {"num_inference_steps": 2}
+    cache = capture_block_inputs(pipe, arch, chain[0], ["a small cyan cross in the center"], call, 0, 1, progress=False)
+    on_meta = [Block(b.index, b.name, b.spec, copy.deepcopy(b.module).to("meta")) for b in chain[:2]]
+    assert propagate(cache, on_meta, keep=False) == []  # ran every call through both blocks without a device error
+
+
+def test_to_device_moves_nested_inputs_and_casts_only_floating_ones():
+    from obsdiff_lite.cached import to_device
+
+    value = {"temb": torch.randn(2, 4), "rotary": (torch.randn(3, 2), torch.randn(3, 2)), "ids": torch.arange(3),
+             "attention_kwargs": None, "lists": [torch.ones(1)]}
+    moved = to_device(value, "meta", torch.float16)
+    assert moved["temb"].device.type == "meta" and moved["temb"].dtype == torch.float16
+    assert all(t.device.type == "meta" and t.dtype == torch.float16 for t in moved["rotary"])
+    assert isinstance(moved["rotary"], tuple) and isinstance(moved["lists"], list)
+    assert moved["ids"].device.type == "meta" and moved["ids"].dtype == torch.int64
+    assert moved["attention_kwargs"] is None and moved["lists"][0].device.type == "meta"

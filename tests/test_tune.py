@@ -231,3 +231,17 @@ def test_recorded_calls_on_disk_give_identical_weights_and_clean_up(random_sd3_d
     stores.clear()  # the test's own references: prune() keeps none
     gc.collect()
     assert list(tmp_path.iterdir()) == [], "recorded calls must be deleted after the run"
+
+
+@pytest.mark.parametrize("model", ["sd3", "flux"])
+def test_prune_with_tuning_in_half_precision(model, random_sd3_dir, random_flux_dir):
+    """A bfloat16 pipeline end to end: the recorded keyword inputs (temb, rotary embeddings, ...) reach the block in
+    its float32 working dtype, the loss of every block falls, and the zeros and the dtype are kept."""
+    pipe = load_pipeline(random_sd3_dir if model == "sd3" else random_flux_dir, dtype=torch.bfloat16)
+    report = prune(pipe, PruneConfig(pattern="2:4", sparsity=None, packages=1, tune_iters=10, tune_lr=1e-3, **FAST),
+                   progress=False)
+    assert report["tuning"] and all(r["tune_loss_after"] < r["tune_loss_before"] for r in report["tuning"].values())
+    for name in report["layers"]:
+        weight = pipe.transformer.get_submodule(name).weight
+        assert weight.dtype == torch.bfloat16
+        assert ((weight.reshape(weight.shape[0], -1, 4) == 0).sum(-1) >= 2).all(), name
