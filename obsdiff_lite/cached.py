@@ -63,6 +63,7 @@ class CacheStore:
         self.device = torch.device(where) if where is not None and not self.disk else None
         self._dir = tempfile.TemporaryDirectory(prefix="obsdiff-cache-", dir=where[5:] or None) if self.disk else None
         self._count = 0
+        self._files: dict[int, str] = {}  # disk: id of a stored tensor -> its file (for discard)
 
     def put(self, value):
         """Store a tensor (or a tuple of them); other values pass through unchanged."""
@@ -76,7 +77,20 @@ class CacheStore:
         path = os.path.join(self._dir.name, f"{self._count}.pt")
         self._count += 1
         torch.save(value.cpu(), path)
-        return torch.load(path, mmap=True, weights_only=True)  # pages come from the file on demand
+        stored = torch.load(path, mmap=True, weights_only=True)  # pages come from the file on demand
+        self._files[id(stored)] = path
+        return stored
+
+    def discard(self, value) -> None:
+        """Give up stored tensors (a tensor, or a tuple or dict of them) early: disk mode deletes their files now
+        (in memory they go when the last reference does)."""
+        if isinstance(value, dict):
+            value = tuple(value.values())
+        if isinstance(value, tuple):
+            for v in value:
+                self.discard(v)
+        elif isinstance(value, torch.Tensor) and id(value) in self._files:
+            os.remove(self._files.pop(id(value)))  # an open memory map keeps its pages until the tensor is freed
 
     def close(self) -> None:
         """Delete the cache files (disk mode)."""

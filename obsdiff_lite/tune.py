@@ -94,7 +94,7 @@ def record_block_calls(pipe, dense: nn.Module, block: Block, dense_block: nn.Mod
             pass
 
     def dense_output(module: nn.Module, args: tuple, output) -> None:
-        current["targets"] = store.put(_outputs(output))
+        current["targets"] = _outputs(output)  # stored below only if this call is kept
         raise _Stop
 
     def block_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -102,14 +102,20 @@ def record_block_calls(pipe, dense: nn.Module, block: Block, dense_block: nn.Mod
             raise RuntimeError(f"the dense copy did not reach {block.name} in this call; block tuning needs the "
                                "transformer to run the same blocks on every call")
         seen[0] += 1
-        record = RecordedCall(store.put(args), {k: store.put(v) for k, v in kwargs.items()}, current.pop("targets"),
+        targets = current.pop("targets")
+        slot = len(calls)
+        if slot >= max_calls:  # reservoir sampling: every call equally likely to be kept
+            slot = int(torch.randint(seen[0], (1,), generator=generator))
+            if slot >= max_calls:
+                return  # not kept: nothing is stored (no copy, no file)
+            old = calls[slot]
+            store.discard((old.args, old.kwargs, old.targets))
+        record = RecordedCall(store.put(args), {k: store.put(v) for k, v in kwargs.items()}, store.put(targets),
                               tracker.weight)
-        if len(calls) < max_calls:  # reservoir sampling: every call equally likely to be kept
+        if slot == len(calls):
             calls.append(record)
         else:
-            j = int(torch.randint(seen[0], (1,), generator=generator))
-            if j < max_calls:
-                calls[j] = record
+            calls[slot] = record
 
     handles = [transformer.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True),
                transformer.register_forward_pre_hook(run_dense, with_kwargs=True),

@@ -121,14 +121,14 @@ def test_tune_block_refuses_nothing_to_do():
         tune_block(pruned, [pruned.up], [RecordedCall(c.args, c.kwargs, c.targets, 0.0) for c in calls], iters=5)
 
 
-def _record(pipe, dense, index, max_calls=256):
+def _record(pipe, dense, index, max_calls=256, steps=3, store=None):
     arch = arch_for_transformer(pipe.transformer)
     block = blocks(pipe.transformer, arch)[index]
     dense_block = dict(dense.named_modules())[block.name]
-    call = call_kwargs(pipe.obsdiff_generation) | {"num_inference_steps": 3}
+    call = call_kwargs(pipe.obsdiff_generation) | {"num_inference_steps": steps}
     tracker = StepTracker(pipe.scheduler, arch.timestep_scale, "log-decrease")
     return block, call, record_block_calls(pipe, dense, block, dense_block, PROMPTS, call, tracker, batch_size=2,
-                                           max_calls=max_calls)
+                                           max_calls=max_calls, store=store)
 
 
 def test_recorded_targets_are_the_dense_blocks_outputs_on_the_same_calls(random_sd3_dir):
@@ -160,6 +160,32 @@ def test_recording_keeps_at_most_max_calls(random_flux_dir):
     pipe = load_pipeline(random_flux_dir)
     _, _, calls = _record(pipe, copy.deepcopy(pipe.transformer), 1, max_calls=2)
     assert len(calls) == 2
+
+
+def test_recording_over_the_cap_stores_only_the_kept_calls(random_sd3_dir, tmp_path):
+    """Past the cap, a call the reservoir passes over is never stored and a replaced one's files are deleted at once:
+    on disk the files alive at the end are exactly the kept calls', and they are the calls the in-memory run keeps."""
+    from obsdiff_lite.cached import CacheStore
+
+    pipe = load_pipeline(random_sd3_dir)
+    dense = copy.deepcopy(pipe.transformer)
+    _, _, in_memory = _record(pipe, dense, 1, max_calls=2, steps=8)
+    store = CacheStore(f"disk:{tmp_path}")
+    try:
+        _, _, on_disk = _record(pipe, dense, 1, max_calls=2, steps=8, store=store)
+
+        def tensors(c):
+            return [t for t in (*c.args, *c.kwargs.values(), *c.targets) if isinstance(t, torch.Tensor)]
+
+        per_call = len(tensors(on_disk[0]))
+        files = list(tmp_path.rglob("*.pt"))
+        assert len(files) == 2 * per_call < store._count  # calls were replaced, and their files deleted
+        assert store._count < 8 * per_call  # not every call of the 8 was written
+        assert [c.weight for c in on_disk] == [c.weight for c in in_memory]
+        for a, b in zip(on_disk, in_memory):
+            assert all(torch.equal(x, y) for x, y in zip(tensors(a), tensors(b)))
+    finally:
+        store.close()
 
 
 @pytest.fixture(params=["sd3", "flux"])
