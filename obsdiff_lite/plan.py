@@ -33,9 +33,14 @@ solve-phase transients do not really coexist):
   ``--solver admm`` adds ADMM_HESSIAN_COPIES d x d and ADMM_WEIGHT_COPIES weight-sized buffers instead
   (``obs.admm_sparsify_weights``; its closing re-fit needs fewer).
 
-``--tune-iters`` keeps a copy of the transformer from the start (in every total); the calls it records
-per block afterwards (at most ``--tune-max-calls``, on ``cache_device``) and one block's backward pass
-are not in the plan.
+``--tune-iters`` keeps a copy of the transformer from the start (in every total) and adds a **tuning** phase after
+the packages (their Hessians are gone by then), one block at a time: on ``cache_device`` the calls it records
+(``min(--tune-max-calls, calls per pass) + 1``, each the block's inputs and the dense block's outputs: two residual
+streams of the call's tokens, ``2 x samples x (tokens + 1) x hidden x bytes``); on the compute device the larger of
+the recording pass's activations (as in calibration, without the Hessians) and the training of the largest tuned
+block (a float32 working copy of a half-precision block, gradient, two Adam moments and a start copy of its
+target weights in float32 plus a byte of mask per weight, one call's inputs and targets in float32, and
+TUNE_ACTIVATION_FACTOR hidden-widths per token in float32 kept for the backward pass).
 
 ``--dense-targets`` adds a float32 drift matrix next to every Hessian (counted in the Hessian part), a
 copy of the transformer (model part), the copy's inputs to the package's target layers for one call
@@ -48,7 +53,8 @@ Validation (tests/test_plan.py): the Hessian part equals, byte for byte, what th
 each package hold on the tiny models; the total, divided by the model's bytes plus the peak that torch's
 CPU allocator accounting (profiler memory events) measures during ``prune()``, lies in ``TINY_BAND``
 (seen 0.98 .. 1.30 on tiny SD3/Flux, exact, cached, wanda and structured runs: an upper bound but for
-structured runs, whose measure also counts the shrunk copies of sliced weights).
+structured runs, whose measure also counts the shrunk copies of sliced weights; 1.03 .. 1.09 where block tuning
+is the peak).
 
 **SD3-medium, the paper's setting** (Table 7: 4 packages, batch 4, 512 px -> 1024 image + 333 text
 tokens, CFG, float16 pipeline incl. T5-XXL; ``obsdiff plan sd3-medium --packages 4 --batch-size 4
@@ -85,6 +91,7 @@ REFIT_WEIGHT_COPIES = 6  # --refit: mask, residual, preconditioned residual, dir
 ADMM_HESSIAN_COPIES, ADMM_WEIGHT_COPIES = 3, 8
 STRUCTURED_HESSIAN_COPIES = 7  # structured.ColumnPruner: + the live-column H and H^-1 = U^T U
 HESSIAN_BYTES = 4  # HessianAccumulator keeps float32
+TUNE_ACTIVATION_FACTOR = 3 * ACTIVATION_FACTOR  # --tune-iters: float32 hidden-widths per token alive in a backward
 TINY_BAND = (0.9, 2.0)  # tests: estimate / measured peak on the tiny models (see the docstring)
 _DEFAULT_STEPS = {"sd3": 28, "flux": 28}
 _DEFAULT_TEXT = {"sd3": 256, "flux": 512}  # max_sequence_length defaults of the pipelines
@@ -107,6 +114,17 @@ class PackageMemory:
 
 
 @dataclass
+class TuningMemory:
+    """The estimate for block tuning (--tune-iters), one block at a time after all packages (bytes)."""
+
+    recorded_calls: int  # calls kept per block
+    recorded_bytes: int  # on cache_device
+    recording_bytes: int  # the recording pass's activations (compute device)
+    training_bytes: int  # the largest tuned block's training state (compute device)
+    by_device: dict[str, int] = field(default_factory=dict)  # totals per device type, model and dense copy included
+
+
+@dataclass
 class Plan:
     """A memory estimate for one pruning run: settings, the model, and every package."""
 
@@ -126,11 +144,21 @@ class Plan:
     model_bytes: int
     packages: list[PackageMemory]
     dense_copy_bytes: int = 0  # --dense-targets / --tune-iters: the dense copy of the transformer (in every total)
+    tuning: TuningMemory | None = None  # --tune-iters: the phase after the packages
 
     def peak_bytes(self, device: str | None = None) -> int:
-        """The largest package total on ``device`` (a device type; default: the compute device)."""
+        """The largest package or tuning total on ``device`` (a device type; default: the compute device)."""
         key = _device_key(device or self.device)
-        return max((p.by_device.get(key, 0) for p in self.packages), default=0)
+        phases = [*self.packages, *([self.tuning] if self.tuning else [])]
+        return max((p.by_device.get(key, 0) for p in phases), default=0)
+
+    def peak_phase(self, device: str | None = None) -> str:
+        """Where the peak on ``device`` is: 'package K of N' or 'block tuning'."""
+        key = _device_key(device or self.device)
+        package = max(self.packages, key=lambda p: p.by_device.get(key, 0))
+        if self.tuning and self.tuning.by_device.get(key, 0) > package.by_device.get(key, 0):
+            return "block tuning"
+        return f"package {package.index + 1} of {len(self.packages)}"
 
     @property
     def peak_package(self) -> PackageMemory:
@@ -168,8 +196,13 @@ class Plan:
                    + f"{p.by_device.get(dev, 0) / scale:>8.2f}")
             row += "".join(f"  {p.by_device.get(d, 0) / scale:>9.2f}" for d in other)
             lines.append(row)
-        peak = self.peak_package
-        lines.append(f"estimated peak on {dev}: {self.peak_bytes() / scale:.2f} {unit} (package {peak.index + 1})"
+        if self.tuning:
+            t = self.tuning
+            lines.append(f"block tuning (after the packages, one block at a time): {t.recorded_calls} recorded calls "
+                         f"{t.recorded_bytes / scale:.2f} {unit} on {_device_key(self.cache_device)}, recording "
+                         f"{t.recording_bytes / scale:.2f} {unit}, training {t.training_bytes / scale:.2f} {unit}; total "
+                         + ", ".join(f"{t.by_device.get(d, 0) / scale:.2f} {unit} on {d}" for d in [dev, *other]))
+        lines.append(f"estimated peak on {dev}: {self.peak_bytes() / scale:.2f} {unit} ({self.peak_phase()})"
                      + "".join(f"; on {d}: {self.peak_bytes(d) / scale:.2f} {unit}" for d in other))
         return "\n".join(lines)
 
@@ -431,13 +464,41 @@ def plan_memory(model, config, device="cpu", batch_size: int | None = None, num_
             by_device[dev] = by_device.get(dev, 0) + amount
         packages.append(PackageMemory(index, block_ids, len(widths), hessians, d_max, activations, solve, cache,
                                       by_device))
+    tuning = None
+    if getattr(config, "tune_iters", 0):
+        tuning = _tuning_memory(transformer, config, nbytes, batch * cfg_batch, tokens, hidden,
+                                -(-num_prompts // batch) * steps * calls_per_step)
+        tuning.by_device = {compute: model_bytes + dense_copy + max(tuning.recording_bytes, tuning.training_bytes)}
+        tuning.by_device[cache_dev] = tuning.by_device.get(cache_dev, 0) + tuning.recorded_bytes
     return Plan(
         arch=arch, method=config.method, pattern=config.pattern, calibration=config.calibration, device=str(device),
         dtype=str(dtype).removeprefix("torch."), hessian_device=str(config.hessian_device or device),
         cache_device=str(config.cache_device or device), batch_size=batch, cfg=cfg_batch * calls_per_step,
         image_tokens=n_image, text_tokens=n_text, hidden=hidden, model_bytes=model_bytes, packages=packages,
-        dense_copy_bytes=dense_copy,
+        dense_copy_bytes=dense_copy, tuning=tuning,
     )
+
+
+def _tuning_memory(transformer: nn.Module, config, nbytes: int, samples: int, tokens: int, hidden: int,
+                   calls_per_pass: int) -> TuningMemory:
+    """Block tuning's parts (see the module docstring): recorded calls, recording pass, training of one block."""
+    from .arch import block_units, blocks, parse_block_range
+
+    kept = min(int(config.tune_max_calls), calls_per_pass)
+    per_call = 2 * samples * (tokens + 1) * hidden * nbytes  # block inputs (+ temb) and the dense outputs
+    recording = samples * tokens * hidden * nbytes * ACTIVATION_FACTOR
+    all_blocks = blocks(transformer)
+    training = 0
+    for index in parse_block_range(config.blocks, len(all_blocks)):
+        block = all_blocks[index]
+        names = [name for unit in block_units(block) for group in unit for name in group]
+        targets = [block.module.get_submodule(name) for name in names]
+        weights = sum(lin.weight.numel() for lin in targets)
+        params = weights + sum(lin.bias.numel() for lin in targets if lin.bias is not None)
+        half_copy = module_bytes(block.module, torch.float32) * max(4 - nbytes, 0) // 4  # float32 working copy
+        training = max(training, half_copy + params * 4 * 4 + weights
+                       + per_call * 4 // nbytes + samples * tokens * hidden * 4 * TUNE_ACTIVATION_FACTOR)
+    return TuningMemory(kept, (kept + 1) * per_call, recording, training)
 
 
 # --- The check before calibrating ---------------------------------------------------------------------------
@@ -495,7 +556,7 @@ def check_memory(pipe, config, device=None, available=None) -> Plan:
     advice = "try " + " or ".join(tips) if tips else "use a machine with more memory, or prune fewer --blocks"
     raise ValueError(
         f"not enough memory on {dev}: pruning needs an estimated {format_bytes(need(plan, dev))} on top of the loaded "
-        f"model (package {plan.peak_package.index + 1} of {len(plan.packages)}; Hessians "
+        f"model ({plan.peak_phase(dev)}; Hessians "
         f"{format_bytes(max(p.hessian_bytes for p in plan.packages))}), but only {format_bytes(free[dev])} is free; "
         f"{advice} (see `obsdiff plan`)"
     )

@@ -216,9 +216,21 @@ def tune_blocks(pipe, dense: nn.Module, selected: list[Block], targets: dict[str
     dense_modules = dict(dense.named_modules())
     records = {}
     for block in tqdm(selected, desc="tuning blocks", disable=not progress):
-        store = CacheStore(cache_device)  # one per block: its files (with "disk") go when the next block's store comes
-        calls = record_block_calls(pipe, dense, block, dense_modules[block.name], prompts, call, tracker, seed=seed,
-                                   batch_size=batch_size, max_calls=max_calls, store=store)
-        records[block.name] = tune_block(block.module, targets[block.name], calls, iters=iters, lr=lr,
-                                         seed=seed + block.index)
+        records[block.name] = _record_and_tune(pipe, dense, block, dense_modules[block.name], targets[block.name],
+                                               prompts, call, tracker, iters=iters, lr=lr, seed=seed,
+                                               batch_size=batch_size, max_calls=max_calls, cache_device=cache_device)
     return records
+
+
+def _record_and_tune(pipe, dense: nn.Module, block: Block, dense_block: nn.Module, linears: list[nn.Linear],
+                     prompts: list[str], call: dict, tracker: StepTracker, *, iters: int, lr: float, seed: int,
+                     batch_size: int, max_calls: int, cache_device) -> dict:
+    """Record one block's calls, tune it, and let the calls go before the next block records its own (a function of
+    its own, so that no variable keeps them alive: two blocks' calls at once would double the recording's memory)."""
+    store = CacheStore(cache_device)
+    try:
+        calls = record_block_calls(pipe, dense, block, dense_block, prompts, call, tracker, seed=seed,
+                                   batch_size=batch_size, max_calls=max_calls, store=store)
+        return tune_block(block.module, linears, calls, iters=iters, lr=lr, seed=seed + block.index)
+    finally:
+        store.close()
