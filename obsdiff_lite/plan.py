@@ -161,10 +161,6 @@ class Plan:
         return f"package {package.index + 1} of {len(self.packages)}"
 
     @property
-    def peak_package(self) -> PackageMemory:
-        return max(self.packages, key=lambda p: p.by_device.get(_device_key(self.device), 0))
-
-    @property
     def devices(self) -> list[str]:
         return sorted({k for p in self.packages for k in p.by_device})
 
