@@ -15,9 +15,9 @@ the JSON is rewritten after every part, so a run cut short keeps what it measure
     OBS-Diff at 50% unstructured for each ``--prune-runs`` entry MODE:PACKAGES[:refit|:admm][:tune] (e.g.
     ``exact:4``, ``cached:24``, ``exact:4:refit`` with the least-squares re-fit after each OBS solve,
     ``exact:4:admm`` with ``--solver admm``, ``exact:4:admm:tune`` with block tuning after it: TUNE_ITERS steps,
-    at most TUNE_MAX_CALLS recorded calls per block) over a reduced calibration set (``--prompts`` x ``--steps`` at
-    512x512, CFG 7, batch 4): calibration and solve time, peak GPU memory, and one plain pipeline pass over the same
-    prompts (for the calibration overhead). Projected to the paper's 100 prompts x 25 steps:
+    at most TUNE_MAX_CALLS recorded calls per block, kept on TUNE_CACHE_DEVICE) over a reduced calibration set
+    (``--prompts`` x ``--steps`` at 512x512, CFG 7, batch 4): calibration and solve time, peak GPU memory, and one
+    plain pipeline pass over the same prompts (for the calibration overhead). Projected to the paper's 100 prompts x 25 steps:
     calibration scales with prompts x steps, solves do not. Paper (Table 8): 14.95 min and 24.05 GB
     peak with 4 packages on a 48 GB RTX 4090 (its peak includes the text encoders; ours are stand-ins).
 """
@@ -76,7 +76,8 @@ def _pipeline(args, model: str, device, dtype):
     return build_random_pipeline(model, device=device, dtype=dtype, overrides=TINY[model] if args.tiny else None)
 
 
-TUNE_ITERS, TUNE_MAX_CALLS = 200, 64  # ":tune" runs: the tiny models' steps; recorded calls capped for GPU memory
+# ":tune" runs: the tiny models' steps; recorded calls capped and kept in CPU RAM, like the README's full-size command
+TUNE_ITERS, TUNE_MAX_CALLS, TUNE_CACHE_DEVICE = 200, 64, "cpu"
 PRUNE_RUN_EXTRAS = ([], ["refit"], ["admm"], ["tune"], ["refit", "tune"], ["admm", "tune"])
 
 
@@ -100,7 +101,8 @@ def prune_run(args, spec: str, device, dtype) -> dict:
     _free(device)
     report = prune(pipe, PruneConfig(sparsity=0.5, packages=int(packages), prompts=prompts, batch_size=4,
                                      calibration=mode, refit=refit, solver=solver,
-                                     **({"tune_iters": TUNE_ITERS, "tune_max_calls": TUNE_MAX_CALLS} if tune else {})),
+                                     **({"tune_iters": TUNE_ITERS, "tune_max_calls": TUNE_MAX_CALLS,
+                                         "cache_device": TUNE_CACHE_DEVICE} if tune else {})),
                    progress=not args.quiet)
     t = report["timings"]
     scale = (100 * 25) / (args.prompts * args.steps)
