@@ -220,6 +220,9 @@ class PruneConfig:
         lo, hi = self.weight_range
         if not (0 <= lo <= hi and math.isfinite(hi)):
             raise ValueError(f"--weight-range needs finite 0 <= MIN <= MAX, got {lo} {hi}")
+        if hi == 0 and self.effective_weighting != "uniform":
+            raise ValueError(f"--weight-range {lo:g} {hi:g} gives every denoising step weight 0, so no calibration input "
+                             "would count; give a positive MAX (the paper: 0.8 1.2)")
         if self.packages != PER_BLOCK and (isinstance(self.packages, bool) or not isinstance(self.packages, int)
                                            or self.packages < 1):
             raise ValueError(f"packages must be an integer >= 1 or {PER_BLOCK!r} (one per block), got {self.packages!r}")
@@ -469,6 +472,10 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
         t0 = time.perf_counter()
         for t in package_targets[p]:
             group = t.linears()
+            if needs_data and not (t.key in accumulators and accumulators[t.key].weight_sum > 0):
+                # An empty Hessian would make every input look dead and OBS would zero the whole layer.
+                raise ValueError(f"no calibration input reached layer {t.key!r}: it never ran during calibration "
+                                 "(every step weighing 0 counts as never); check --blocks and the model")
             sparsity = block_sparsity[t.block.name]
             drift = dense.drifts.get(t.key) if dense is not None else None
             for name, record in _prune_group(group, config, sparsity, n, m, accumulators.get(t.key), drift).items():

@@ -274,12 +274,33 @@ def test_block_sparsity_sets_each_block_and_equal_values_are_the_uniform_run(ran
         (dict(cache_device="cpu"), "nothing to keep"),
         (dict(guidance=-3.0), "guidance must be a finite number >= 0"),
         (dict(guidance=float("nan")), "guidance must be a finite number >= 0"),
+        (dict(weight_range=(0.0, 0.0)), "every denoising step weight 0"),
     ],
 )
 def test_bad_config_is_refused_before_work(random_sd3_dir, kwargs, match):
     pipe = load_pipeline(random_sd3_dir)
     with pytest.raises(ValueError, match=match):
         prune(pipe, PruneConfig(**(FAST | kwargs)), progress=False)
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(pattern="structured", sparsity=0.3)], ids=["obs", "structured"])
+def test_a_layer_no_calibration_input_reached_is_refused_not_zeroed(random_sd3_dir, monkeypatch, settings):
+    """An empty Hessian makes every input look dead, and OBS would zero the whole layer: refuse, naming the layer."""
+    import obsdiff_lite.prune
+    import obsdiff_lite.structured
+    from obsdiff_lite.hessian import HessianAccumulator
+
+    def calibrate_missing_one(*args, **kwargs):
+        accumulators = calibrate(*args, **kwargs)
+        key = sorted(accumulators)[-1]
+        accumulators[key] = HessianAccumulator(accumulators[key].in_features, name=key)  # as if it never ran
+        return accumulators
+
+    monkeypatch.setattr(obsdiff_lite.prune, "calibrate", calibrate_missing_one)
+    monkeypatch.setattr(obsdiff_lite.structured, "calibrate", calibrate_missing_one)
+    pipe = load_pipeline(random_sd3_dir)
+    with pytest.raises(ValueError, match="no calibration input reached layer 'transformer_blocks"):
+        prune(pipe, PruneConfig(**(FAST | settings)), progress=False)
 
 
 def test_block_range_parsing():
