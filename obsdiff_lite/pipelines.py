@@ -32,13 +32,25 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """'cpu' | 'cuda' | 'cuda:N' -> torch.device, refusing CUDA when none is available."""
-    device = torch.device(device or "cpu")
+def parse_device(device: str | torch.device | None, option: str = "--device") -> torch.device:
+    """'cpu' | 'cuda' | 'cuda:N' | 'mps' -> torch.device (syntax only; ``option`` names the setting in errors)."""
+    try:
+        parsed = torch.device(device or "cpu")
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unsupported device {str(device)!r} for {option}; use cpu, cuda or cuda:N") from None
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {str(device)!r} for {option}; use cpu, cuda or cuda:N")
+    return parsed
+
+
+def resolve_device(device: str | torch.device | None, option: str = "--device") -> torch.device:
+    """``parse_device``, also refusing a CUDA or MPS device this machine does not have."""
+    device = parse_device(device, option)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but this machine has no CUDA GPU visible to torch; use --device cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unsupported device {str(device)!r}; use cpu or cuda")
+        raise ValueError(f"{option} {device} was requested but this machine has no CUDA GPU visible to torch; "
+                         f"use {option} cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{option} mps was requested but this machine has no MPS device; use {option} cpu")
     return device
 
 

@@ -32,7 +32,7 @@ from .distributed import all_equal, broadcast_module_, rank_and_world
 from .hessian import input_variance, wanda_input_norm
 from .obs import (REFIT_ITERS, admm_sparsify_weights, check_sparsity_args, dense_target_weights, parse_pattern,
                   sparsify_weights)
-from .pipelines import pipeline_call
+from .pipelines import parse_device, pipeline_call, resolve_device
 from .schedules import WEIGHTINGS
 from .tune import TUNE_LR, TUNE_MAX_CALLS, tune_blocks
 
@@ -209,6 +209,10 @@ class PruneConfig:
         if self.refresh_every and self.calibration != "cached":
             raise ValueError("--refresh-every re-samples cached calibration's trajectory; add --calibration cached or "
                              "drop it")
+        if self.hessian_device is not None:
+            parse_device(self.hessian_device, "--hessian-device")
+        if self.cache_device is not None and not str(self.cache_device).startswith("disk"):
+            parse_device(self.cache_device, "--cache-device")  # or disk / disk:DIR
         if self.cache_device is not None and self.calibration != "cached" and not self.tune_iters:
             raise ValueError("--cache-device keeps the block inputs of --calibration cached and of --tune-iters; with "
                              "neither it has nothing to keep (drop it)")
@@ -413,6 +417,14 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
     """
     config = config or PruneConfig()
     config.validate()
+    for option, where in (("--hessian-device", config.hessian_device), ("--cache-device", config.cache_device)):
+        if where is not None and not str(where).startswith("disk"):
+            resolve_device(where, option)  # a device this machine has
+    if config.cache_device is not None and str(config.cache_device).startswith("disk:"):
+        folder = Path(str(config.cache_device)[5:])
+        if not folder.is_dir():
+            raise ValueError(f"--cache-device {config.cache_device}: {folder} is not an existing directory; create it "
+                             "or use plain 'disk' (the system's temporary directory)")
     world = rank_and_world()[1]
     if world > 1 and config.calibration == "cached":
         raise ValueError("--calibration cached is not sharded across ranks; run it in one process or use exact")

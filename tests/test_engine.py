@@ -275,6 +275,8 @@ def test_block_sparsity_sets_each_block_and_equal_values_are_the_uniform_run(ran
         (dict(guidance=-3.0), "guidance must be a finite number >= 0"),
         (dict(guidance=float("nan")), "guidance must be a finite number >= 0"),
         (dict(weight_range=(0.0, 0.0)), "every denoising step weight 0"),
+        (dict(hessian_device="tpu"), "unsupported device 'tpu' for --hessian-device"),
+        (dict(calibration="cached", cache_device="gpu"), "unsupported device 'gpu' for --cache-device"),
     ],
 )
 def test_bad_config_is_refused_before_work(random_sd3_dir, kwargs, match):
@@ -301,6 +303,21 @@ def test_a_layer_no_calibration_input_reached_is_refused_not_zeroed(random_sd3_d
     pipe = load_pipeline(random_sd3_dir)
     with pytest.raises(ValueError, match="no calibration input reached layer 'transformer_blocks"):
         prune(pipe, PruneConfig(**(FAST | settings)), progress=False)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(hessian_device="cuda"), "--hessian-device cuda was requested but this machine has no CUDA GPU"),
+    (dict(tune_iters=2, cache_device="cuda:1"), "--cache-device cuda:1 was requested but this machine has no CUDA"),
+    (dict(hessian_device="mps"), "--hessian-device mps was requested but this machine has no MPS device"),
+    (dict(calibration="cached", cache_device="disk:/no/such/dir"), "/no/such/dir is not an existing directory"),
+])
+def test_devices_this_machine_lacks_are_refused_before_work(random_sd3_dir, monkeypatch, kwargs, match):
+    """Where the Hessians or the cached inputs should live is checked up front (they are only touched mid-run)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    pipe = load_pipeline(random_sd3_dir)
+    with pytest.raises(ValueError, match=match):
+        prune(pipe, PruneConfig(**(FAST | kwargs)), progress=False)
 
 
 def test_block_range_parsing():
