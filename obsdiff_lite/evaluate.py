@@ -8,6 +8,7 @@ it was calibrated on.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -24,10 +25,21 @@ def shapebench_prompts(num_prompts: int, seed: int = 0):
     return specs, [s.caption() for s in specs]
 
 
+def check_sampling(num_prompts: int, batch_size: int, steps: int | None = None, guidance: float | None = None) -> None:
+    """Refuse sampling settings that would fail deep inside the pipeline or score nothing, one line each."""
+    for label, value in (("num_prompts", num_prompts), ("batch_size", batch_size), ("steps", steps)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
+    if guidance is not None and not (guidance >= 0 and math.isfinite(guidance)):
+        raise ValueError(f"guidance must be a finite number >= 0 (values <= 1 turn classifier-free guidance off), "
+                         f"got {guidance}")
+
+
 def sample_shapebench(pipe, num_prompts: int = 64, seed: int = 0, batch_size: int = 32, progress: bool = True,
                       steps: int | None = None, guidance: float | None = None):
     """(specs, uint8 images) for the ShapeBench prompts, with the model's generation.json settings (step count and
     CFG scale overridden if given)."""
+    check_sampling(num_prompts, batch_size, steps, guidance)
     specs, prompts = shapebench_prompts(num_prompts, seed)
     call = pipeline_call(pipe, steps, guidance)
     images = generate_images(pipe, prompts, seed=seed, call=call, batch_size=batch_size, progress=progress)
@@ -40,6 +52,7 @@ def evaluate_models(models: dict[str, str | Path], reference: str | Path | None 
                     steps: int | None = None, guidance: float | None = None) -> dict[str, dict]:
     """Score each model (name -> path) on ShapeBench; fidelity (PSNR/SSIM) against ``reference`` if given. Every
     model, the reference too, samples with its generation.json settings, or with ``steps`` / ``guidance`` if given."""
+    check_sampling(num_prompts, batch_size, steps, guidance)  # before any model is loaded
     sampling = dict(steps=steps, guidance=guidance)
     ref_images = None
     if reference is not None:
@@ -76,6 +89,7 @@ def run_demo(output: Path = Path("runs/demo"), model: str | Path | None = None, 
     magnitude; print and save dense vs pruned ShapeBench."""
     from .prune import PruneConfig, prune
 
+    check_sampling(num_prompts, 32)  # before anything is loaded or pruned
     model = Path(model) if model else Path(__file__).resolve().parent.parent / "data" / "tiny-sd3"
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)

@@ -130,6 +130,13 @@ def _bad_cases(model, tmp_path):
                                  "one value per block"),
         "block sparsity with sparsity": (["prune", model, "--output", out, "--block-sparsity", "0.5,0.5", "--sparsity",
                                           "0.5"], "replaces --sparsity"),
+        "unknown hessian device": (["prune", model, "--output", out, "--hessian-device", "tpu"], "--hessian-device"),
+        "weight range all zero": (["prune", model, "--output", out, "--weight-range", "0", "0"], "weight 0"),
+        "eval without prompts": (["eval", model, "--num-prompts", "0"], "num_prompts must be an integer >= 1"),
+        "eval with zero steps": (["eval", model, "--num-prompts", "2", "--steps", "0"], "steps must be an integer"),
+        "eval batch size zero": (["eval", model, "--num-prompts", "2", "--batch-size", "0"], "batch_size must be"),
+        "eval negative guidance": (["eval", model, "--num-prompts", "2", "--guidance", "-1"], "guidance must be"),
+        "demo without prompts": (["demo", "--num-prompts", "0", "--output", out], "num_prompts must be"),
     }
     if not torch.cuda.is_available():  # on a GPU machine this request is legitimate
         cases["cuda without cuda"] = (["prune", model, "--output", out, "--device", "cuda"], "CUDA")
