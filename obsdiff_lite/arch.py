@@ -208,6 +208,8 @@ def parse_block_range(text: str | None, num_blocks: int) -> list[int]:
     """'START:END' (Python slice semantics, END exclusive, either may be empty) -> block indices."""
     if text is None or text == "":
         return list(range(num_blocks))
+    if not isinstance(text, str):
+        raise ValueError(f"--blocks must be a 'START:END' string (e.g. '1:{num_blocks - 1}'), got {text!r}")
     parts = text.split(":")
     if len(parts) != 2:
         raise ValueError(f"--blocks {text!r} must look like START:END (e.g. 1:23), with 0 <= START < END <= {num_blocks}")

@@ -230,6 +230,11 @@ class PruneConfig:
         if self.packages != PER_BLOCK and (isinstance(self.packages, bool) or not isinstance(self.packages, int)
                                            or self.packages < 1):
             raise ValueError(f"packages must be an integer >= 1 or {PER_BLOCK!r} (one per block), got {self.packages!r}")
+        if self.prompts is not None and (isinstance(self.prompts, str) or
+                                         not all(isinstance(p, str) for p in self.prompts)):
+            # a bare string would be read as one prompt per character
+            raise ValueError(f"prompts must be a list of strings, got {type(self.prompts).__name__}"
+                             + (" (wrap one prompt in a list: prompts=[...])" if isinstance(self.prompts, str) else ""))
         if self.prompts is not None and not self.prompts:
             raise ValueError("the prompt list is empty; give at least one prompt")
         if self.prompts is None and self.num_prompts < 1:
@@ -416,6 +421,11 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
     ranks and rank 0's pruned weights are broadcast after each package (``distributed.py``).
     """
     config = config or PruneConfig()
+    if not isinstance(config, PruneConfig):
+        raise TypeError(f"prune() takes a PruneConfig, got {type(config).__name__} (e.g. PruneConfig(sparsity=0.5))")
+    if not hasattr(pipe, "transformer"):
+        raise TypeError(f"prune() takes a diffusers SD3/Flux pipeline (with a .transformer), got {type(pipe).__name__}; "
+                        "load one with obsdiff_lite.pipelines.load_pipeline")
     config.validate()
     for option, where in (("--hessian-device", config.hessian_device), ("--cache-device", config.cache_device)):
         if where is not None and not str(where).startswith("disk"):

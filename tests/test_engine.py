@@ -277,6 +277,8 @@ def test_block_sparsity_sets_each_block_and_equal_values_are_the_uniform_run(ran
         (dict(weight_range=(0.0, 0.0)), "every denoising step weight 0"),
         (dict(hessian_device="tpu"), "unsupported device 'tpu' for --hessian-device"),
         (dict(calibration="cached", cache_device="gpu"), "unsupported device 'gpu' for --cache-device"),
+        (dict(prompts="a red circle"), "list of strings, got str"),  # not twelve one-letter prompts
+        (dict(blocks=3), "'START:END' string"),
     ],
 )
 def test_bad_config_is_refused_before_work(random_sd3_dir, kwargs, match):
@@ -318,6 +320,13 @@ def test_devices_this_machine_lacks_are_refused_before_work(random_sd3_dir, monk
     pipe = load_pipeline(random_sd3_dir)
     with pytest.raises(ValueError, match=match):
         prune(pipe, PruneConfig(**(FAST | kwargs)), progress=False)
+
+
+def test_prune_names_what_it_takes(random_sd3_dir):
+    with pytest.raises(TypeError, match="takes a diffusers SD3/Flux pipeline"):
+        prune(None, PruneConfig(**FAST))
+    with pytest.raises(TypeError, match="takes a PruneConfig, got str"):
+        prune(load_pipeline(random_sd3_dir), "obs-diff")
 
 
 def test_block_range_parsing():
