@@ -412,6 +412,9 @@ def image_tokens(transformer: nn.Module, height: int, width: int, vae_scale_fact
     """Image tokens of one transformer call at ``height`` x ``width`` pixels (VAE downscale, then patching)."""
     arch = arch_for_transformer(transformer)
     pixels = vae_scale_factor * int(getattr(transformer.config, "patch_size", 1)) * _TOKEN_PACKING.get(arch.name, 1)
+    if height < pixels or width < pixels or height % pixels or width % pixels:
+        raise ValueError(f"an image of {height}x{width} pixels does not divide into {arch.name} tokens: height and "
+                         f"width must be positive multiples of {pixels} (e.g. 512 or 1024)")
     return (height // pixels) * (width // pixels)
 
 

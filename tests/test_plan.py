@@ -226,6 +226,8 @@ def test_plan_command(random_sd3_dir, tmp_path, capsys):
         (["plan", "sd3-medium", "--packages", "999"], "units"),
         (["plan", "sd3-medium", "--device", "tpu"], "device"),
         (["plan", "sd3-medium", "--height", "0"], "--height"),
+        (["plan", "sd3-medium", "--width", "1000"], "multiples of 16"),  # was planned as 0 or rounded-down tokens
+        (["plan", "flux-dev", "--height", "8"], "multiples of 16"),
     ]:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
