@@ -185,6 +185,13 @@ def cmd_prune(args) -> int:
         f"{t['total_s']:.1f} s (calibration {t['calibration_s']:.1f} s, solve {t['solve_s']:.1f} s"
         + (f", block tuning {t['tune_s']:.1f} s" if "tune_s" in t else "") + f") -> {args.output}"
     )
+    if report.get("tuning"):  # did it help? the per-block numbers are in obsdiff.json
+        from .tune import mean_loss_ratio
+
+        kept = sum(r["tune_kept_start"] for r in report["tuning"].values())
+        print(f"block tuning: loss to the dense blocks x{mean_loss_ratio(report['tuning']):.2f} on average over "
+              f"{len(report['tuning'])} blocks" + (f"; {kept} kept their pruned weights (loss did not fall)" if kept
+                                                   else ""))
     return 0
 
 

@@ -55,7 +55,10 @@ def test_tune_flags_reach_block_tuning(random_sd3_dir, tmp_path, capsys):
                  "--tune-lr", "0.001", "--tune-max-calls", "2", *FAST]) == 0
     info = json.loads((out / "obsdiff.json").read_text())
     assert (info["config"]["tune_iters"], info["config"]["tune_lr"], info["config"]["tune_max_calls"]) == (4, 0.001, 2)
-    assert {r["tune_calls"] for r in info["tuning"].values()} == {2} and "block tuning" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert {r["tune_calls"] for r in info["tuning"].values()} == {2} and "block tuning" in printed
+    ratio = sum(r["tune_loss_after"] / r["tune_loss_before"] for r in info["tuning"].values()) / len(info["tuning"])
+    assert f"block tuning: loss to the dense blocks x{ratio:.2f} on average over {len(info['tuning'])} blocks" in printed
 
 
 def test_solver_flag_reaches_the_admm_solver(random_sd3_dir, tmp_path):
