@@ -127,6 +127,15 @@ def prepare_inverse_hessian(
     H = hessian.detach().to(work)
     if not bool(torch.isfinite(H).all()):
         raise ValueError(f"Hessian{_layer(name)} contains NaN/inf; check the calibration activations")
+    # 2 X^T X has a non-negative diagonal and is symmetric; anything else would be damped into a meaningless solve.
+    smallest = float(torch.diagonal(H).min())
+    if smallest < 0:
+        raise ValueError(f"Hessian{_layer(name)} has negative diagonal entries (smallest {smallest:.3g}), so it is not "
+                         "2 X^T X of any inputs; pass the Gram matrix of the layer's inputs")
+    scale, asymmetry = float(H.abs().max()), float((H - H.T).abs().max())
+    if asymmetry > 1e-4 * scale:
+        raise ValueError(f"Hessian{_layer(name)} is not symmetric (largest |H - H^T| is {asymmetry / scale:.2g} of its "
+                         "largest entry); pass 2 X^T X, or (H + H^T) / 2")
     dead = torch.diagonal(H) == 0
 
     tried = []

@@ -198,8 +198,10 @@ def test_singular_hessian_retries_with_warning(caplog):
     assert "down_proj" in caplog.text and "--damp" in caplog.text
 
 
-def test_negative_definite_hessian_retries_until_positive(caplog):
-    H = -3.0 * torch.eye(8)
+def test_indefinite_hessian_retries_until_positive(caplog):
+    """A symmetric matrix with a positive diagonal but eigenvalues 4 and -2 (what rounding can do to a rank-deficient
+    X^T X, exaggerated): Cholesky needs damp * mean diag > 2, found at the third retry (0.01 -> 0.1 -> 1 -> 10)."""
+    H = torch.block_diag(*[torch.tensor([[1.0, 3.0], [3.0, 1.0]])] * 4)
     with caplog.at_level(logging.WARNING, logger="obsdiff_lite.obs"):
         U, info = prepare_inverse_hessian(H, damp=0.01)
     assert info == {"damp_used": pytest.approx(10.0), "retries": 3, "dead_inputs": 0}
@@ -229,6 +231,21 @@ def test_non_finite_hessian_or_weight_raises():
     W2[1, 1] = float("inf")
     with pytest.raises(ValueError, match="NaN/inf"):
         sparsify_weight(W2, H)
+
+
+def test_a_matrix_that_is_no_gram_matrix_is_refused_not_damped_into_a_solve():
+    """Negative diagonal or asymmetry cannot come from 2 X^T X; the retries would 'succeed' on nonsense (with -H a
+    negative layer error came back). Float rounding of X^T X (far below the tolerance) still passes."""
+    W, X, H = _problem(seed=9)
+    with pytest.raises(ValueError, match="negative diagonal entries"):
+        sparsify_weight(W, -H)
+    skewed = H.clone()
+    skewed[0, 1] += 0.1 * H.abs().max()
+    with pytest.raises(ValueError, match="not symmetric"):
+        sparsify_weight(W, skewed)
+    rounded = H.clone()
+    rounded[0, 1] *= 1 + 1e-6
+    assert torch.equal(sparsify_weight(W, rounded)[1], sparsify_weight(W, H)[1])
 
 
 # (f) argument validation ---------------------------------------------------------------------------------
