@@ -60,6 +60,8 @@ def wanda_prune(
         raise ValueError(
             f"input_norm has shape {tuple(input_norm.shape)}, expected ({weight.shape[1]},) = in_features"
         )
+    if not (bool(torch.isfinite(input_norm).all()) and bool((input_norm >= 0).all())):  # NaN scores sort arbitrarily
+        raise ValueError("input_norm must hold finite norms >= 0 (e.g. hessian.wanda_input_norm)")
     check_sparsity_args(weight.shape[1], sparsity, n, m)
     scores = weight.detach().abs().float() * input_norm.detach().to(weight.device, torch.float32).unsqueeze(0)
     if m > 0:
@@ -100,6 +102,9 @@ def dsnot_prune(
     for label, stat in (("input_mean", input_mean), ("input_var", input_var)):
         if tuple(stat.shape) != (cols,):
             raise ValueError(f"{label} has shape {tuple(stat.shape)}, expected ({cols},) = in_features")
+    if not (bool(torch.isfinite(input_mean).all()) and bool(torch.isfinite(input_var).all())
+            and bool((input_var >= 0).all())):
+        raise ValueError("input_mean must be finite and input_var finite and >= 0 (e.g. hessian.input_variance)")
     if max_cycles < 0 or not threshold >= 0:
         raise ValueError(f"need max_cycles >= 0 and threshold >= 0, got {max_cycles} and {threshold}")
     w = weight.detach().float()

@@ -104,6 +104,14 @@ def test_validation_is_shared_with_obs():
         wanda_prune(W, torch.ones(6), 1.5)
     with pytest.raises(ValueError, match="input_norm"):
         wanda_prune(W, torch.ones(5), 0.5)
+    for bad in (float("nan"), -1.0, float("inf")):  # NaN scores would sort into an arbitrary mask
+        with pytest.raises(ValueError, match="finite norms >= 0"):
+            wanda_prune(W, torch.tensor([1.0, 1.0, bad, 1.0, 1.0, 1.0]), 0.5)
+    ones = torch.ones(6)
+    with pytest.raises(ValueError, match="input_var finite and >= 0"):
+        dsnot_prune(W, ones, -ones, ones, 0.5)
+    with pytest.raises(ValueError, match="input_mean must be finite"):
+        dsnot_prune(W, ones * float("nan"), ones, ones, 0.5)
 
 
 
