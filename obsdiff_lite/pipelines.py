@@ -59,13 +59,27 @@ def _pipeline_class_name(path: Path) -> str:
     if not index.is_file():
         supported = ", ".join(a.pipeline_class for a in ARCHS.values())
         raise PipelineError(f"{path} is not a diffusers pipeline directory (no model_index.json); expected one of: {supported}")
-    return json.loads(index.read_text())["_class_name"]
+    config = read_json_object(index)
+    if "_class_name" not in config:
+        raise PipelineError(f"{index} names no pipeline class (no \"_class_name\"); it is not a diffusers model_index.json")
+    return config["_class_name"]
+
+
+def read_json_object(file: Path) -> dict:
+    """A JSON file that must hold an object ({...}); a broken or edited one is refused with its name."""
+    try:
+        value = json.loads(Path(file).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{file} is not valid JSON ({exc}); restore or delete it") from None
+    if not isinstance(value, dict):
+        raise PipelineError(f"{file} must hold a JSON object {{...}}, got {type(value).__name__}")
+    return value
 
 
 def _saved_structure(path: Path) -> dict | None:
     """The "structure" recorded in a pruned output's obsdiff.json (None for dense or unstructured outputs)."""
     report = path / "obsdiff.json"
-    return json.loads(report.read_text()).get("structure") if report.is_file() else None
+    return read_json_object(report).get("structure") if report.is_file() else None
 
 
 def load_pipeline(path_or_id: str | Path, device: str | torch.device | None = "cpu", dtype=None, **kwargs):
@@ -83,7 +97,7 @@ def load_pipeline(path_or_id: str | Path, device: str | torch.device | None = "c
     if path.exists():
         class_name = _pipeline_class_name(path)
         arch_for_pipeline_class(class_name)  # refuses unsupported pipelines with a clear message
-        index = json.loads((path / "model_index.json").read_text())
+        index = read_json_object(path / "model_index.json")
         # Components saved as null (tiny SD3 has no T5) must be passed explicitly as None.
         for name, value in index.items():
             if not name.startswith("_") and isinstance(value, list) and value[0] is None:
@@ -110,7 +124,10 @@ def load_pipeline(path_or_id: str | Path, device: str | torch.device | None = "c
             except Exception as exc:  # offline, gated, or missing
                 raise PipelineError(f"cannot fetch {source!r} from the hub ({type(exc).__name__}: {exc})") from None
         arch_for_pipeline_class(class_name)
-    pipe = getattr(diffusers, class_name).from_pretrained(source, dtype=torch_dtype, **kwargs)
+    try:
+        pipe = getattr(diffusers, class_name).from_pretrained(source, dtype=torch_dtype, **kwargs)
+    except OSError as exc:  # a component's config or weights missing (an incomplete copy or download)
+        raise PipelineError(f"cannot load the pipeline from {source}: {exc}") from None
     pipe.set_progress_bar_config(disable=True)
     # Remember where it came from and how it likes to be called (generation.json, if any).
     pipe.obsdiff_source = source
@@ -121,7 +138,7 @@ def load_pipeline(path_or_id: str | Path, device: str | torch.device | None = "c
 def generation_config(path: str | Path) -> dict:
     """The recommended call arguments of a model directory (its generation.json), metadata keys included."""
     file = Path(path) / "generation.json"
-    return json.loads(file.read_text()) if file.is_file() else {}
+    return read_json_object(file) if file.is_file() else {}
 
 
 def call_kwargs(config: dict) -> dict:

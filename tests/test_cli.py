@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -98,6 +99,16 @@ def _bad_cases(model, tmp_path):
     not_a_pipeline = tmp_path / "notpipe"
     not_a_pipeline.mkdir()
     out = str(tmp_path / "out")
+    damaged = {}  # copies of the model, each broken in one way a copy or an edit can break it
+    for label, (file, text) in {"obsdiff.json": ("obsdiff.json", "{not json"), "generation": ("generation.json", "[1]"),
+                                "index": ("model_index.json", "{"), "weights": ("transformer", None)}.items():
+        damaged[label] = tmp_path / f"damaged-{label}"
+        shutil.copytree(model, damaged[label])
+        if text is None:
+            for weights in (damaged[label] / file).glob("*.safetensors"):
+                weights.unlink()
+        else:
+            (damaged[label] / file).write_text(text)
     cases = {
         "sparsity 1.5": (["prune", model, "--output", out, "--sparsity", "1.5"], "[0, 1)"),
         "negative sparsity": (["prune", model, "--output", out, "--sparsity", "-0.1"], "[0, 1)"),
@@ -140,6 +151,10 @@ def _bad_cases(model, tmp_path):
         "eval batch size zero": (["eval", model, "--num-prompts", "2", "--batch-size", "0"], "batch_size must be"),
         "eval negative guidance": (["eval", model, "--num-prompts", "2", "--guidance", "-1"], "guidance must be"),
         "demo without prompts": (["demo", "--num-prompts", "0", "--output", out], "num_prompts must be"),
+        "broken obsdiff.json": (["prune", str(damaged["obsdiff.json"]), "--output", out], "obsdiff.json is not valid JSON"),
+        "generation.json a list": (["prune", str(damaged["generation"]), "--output", out], "must hold a JSON object"),
+        "broken model_index.json": (["prune", str(damaged["index"]), "--output", out], "model_index.json is not valid"),
+        "weights missing": (["prune", str(damaged["weights"]), "--output", out], "cannot load the pipeline from"),
     }
     if not torch.cuda.is_available():  # on a GPU machine this request is legitimate
         cases["cuda without cuda"] = (["prune", model, "--output", out, "--device", "cuda"], "CUDA")
