@@ -189,9 +189,10 @@ def cmd_prune(args) -> int:
         from .tune import mean_loss_ratio
 
         kept = sum(r["tune_kept_start"] for r in report["tuning"].values())
+        count = len(report["tuning"])
         print(f"block tuning: loss to the dense blocks x{mean_loss_ratio(report['tuning']):.2f} on average over "
-              f"{len(report['tuning'])} blocks" + (f"; {kept} kept their pruned weights (loss did not fall)" if kept
-                                                   else ""))
+              f"{count} block{'s' * (count != 1)}" + (f"; {kept} kept their pruned weights (loss did not fall)" if kept
+                                                      else ""))
     return 0
 
 
