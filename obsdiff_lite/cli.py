@@ -48,7 +48,7 @@ def _fractions(text: str) -> list[float]:
 
 
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
-    from .prune import METHODS
+    from .prune import HEAD_CANDIDATES, METHODS, TRAJECTORY_PROMPTS
     from .schedules import WEIGHTINGS
     from .tune import TUNE_LR, TUNE_MAX_CALLS
 
@@ -67,8 +67,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-selection", default="saliency",
                    help="structured obs-diff: saliency (the paper: fused OBS saliencies) | trajectory (try the "
                         "--head-candidates cheapest heads, keep the removal that moves a short sampling run least)")
-    p.add_argument("--head-candidates", type=int, default=4, help="trajectory head selection: heads tried per removal")
-    p.add_argument("--trajectory-prompts", type=int, default=4,
+    p.add_argument("--head-candidates", type=int, default=HEAD_CANDIDATES, help="trajectory head selection: heads tried per removal")
+    p.add_argument("--trajectory-prompts", type=int, default=TRAJECTORY_PROMPTS,
                    help="trajectory head selection: calibration prompts sampled per trial")
     p.add_argument("--weighting", default="log-decrease", help=f"timestep weighting: {' | '.join(WEIGHTINGS)}")
     p.add_argument("--weight-range", type=float, nargs=2, default=(0.8, 1.2), metavar=("MIN", "MAX"))

@@ -44,6 +44,7 @@ CALIBRATIONS = ("exact", "cached")  # pattern "structured": whole heads and FFN 
 SOLVERS = ("obs", "admm")  # unstructured / N:M OBS methods: the paper's one-pass OBS, or OBS then ADMM (obs.py)
 HEAD_SELECTIONS = ("saliency", "trajectory")  # structured: how heads are chosen (structured.prune_heads_obs)
 PER_BLOCK = "blocks"  # packages="blocks": one module package per transformer block
+HEAD_CANDIDATES = TRAJECTORY_PROMPTS = 4  # --head-selection trajectory: heads tried per removal, prompts per trial
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "data" / "prompts"
 
 
@@ -58,8 +59,8 @@ class PruneConfig:
     ffn_sparsity: float | None = None  # structured only: fraction of FFN neurons removed (default: sparsity)
     ffn_multiple: int | None = None  # structured only: kept FFN widths rounded to this (None: 64 for full-size FFNs)
     head_selection: str = "saliency"  # structured obs-diff: saliency (paper: RRF of OBS saliencies) | trajectory
-    head_candidates: int = 4  # trajectory selection: the cheapest heads by saliency that are tried each iteration
-    trajectory_prompts: int = 4  # trajectory selection: calibration prompts sampled per trial
+    head_candidates: int = HEAD_CANDIDATES  # trajectory selection: the cheapest heads by saliency tried per removal
+    trajectory_prompts: int = TRAJECTORY_PROMPTS  # trajectory selection: calibration prompts sampled per trial
     weighting: str = "log-decrease"
     weight_range: tuple[float, float] = (0.8, 1.2)
     packages: int | str = 4  # module packages, or "blocks": one per transformer block
@@ -109,6 +110,10 @@ class PruneConfig:
             self._validate_dense_targets()
         if self.solver != "obs":
             self._validate_solver()
+        if self.head_selection != "trajectory" and (self.head_candidates, self.trajectory_prompts) != (
+                HEAD_CANDIDATES, TRAJECTORY_PROMPTS):
+            raise ValueError("--head-candidates / --trajectory-prompts set up trajectory head selection, which is off; "
+                             "add --pattern structured --head-selection trajectory or drop them")
         if self.tune_iters:
             self._validate_tuning()
         elif self.tune_lr != TUNE_LR or self.tune_max_calls != TUNE_MAX_CALLS:

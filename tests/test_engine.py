@@ -279,6 +279,8 @@ def test_block_sparsity_sets_each_block_and_equal_values_are_the_uniform_run(ran
         (dict(calibration="cached", cache_device="gpu"), "unsupported device 'gpu' for --cache-device"),
         (dict(prompts="a red circle"), "list of strings, got str"),  # not twelve one-letter prompts
         (dict(blocks=3), "'START:END' string"),
+        (dict(head_candidates=2), "trajectory head selection, which is off"),
+        (dict(pattern="structured", sparsity=0.3, trajectory_prompts=2), "trajectory head selection, which is off"),
     ],
 )
 def test_bad_config_is_refused_before_work(random_sd3_dir, kwargs, match):
