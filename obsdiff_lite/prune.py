@@ -317,8 +317,14 @@ def read_prompts(path: str | Path) -> list[str]:
     """Non-empty, stripped lines of a prompt file; clear errors for a missing or empty file."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"prompt file {str(path)!r} does not exist; give a text file with one prompt per line")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        why = "is a directory" if path.is_dir() else "does not exist"
+        raise ValueError(f"prompt file {str(path)!r} {why}; give a text file with one prompt per line")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"prompt file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as "
+                         "UTF-8, one prompt per line") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"prompt file {str(path)!r} has no prompts; put one prompt per line")
     return prompts

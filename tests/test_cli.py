@@ -96,6 +96,8 @@ def _bad_cases(model, tmp_path):
     (nonempty / "x").write_text("x")
     empty_prompts = tmp_path / "empty.txt"
     empty_prompts.write_text("\n  \n")
+    latin1_prompts = tmp_path / "latin1.txt"
+    latin1_prompts.write_bytes("un café\n".encode("latin-1"))
     not_a_pipeline = tmp_path / "notpipe"
     not_a_pipeline.mkdir()
     out = str(tmp_path / "out")
@@ -125,6 +127,8 @@ def _bad_cases(model, tmp_path):
         "packages too many": (["prune", model, "--output", out, "--packages", "999", "--num-prompts", "1"], "units"),
         "prompt file missing": (["prune", model, "--output", out, "--prompts", str(tmp_path / "p.txt")], "does not exist"),
         "prompt file empty": (["prune", model, "--output", out, "--prompts", str(empty_prompts)], "no prompts"),
+        "prompt file a directory": (["prune", model, "--output", out, "--prompts", str(tmp_path)], "is a directory"),
+        "prompt file not UTF-8": (["prune", model, "--output", out, "--prompts", str(latin1_prompts)], "not UTF-8"),
         "unsupported dtype": (["prune", model, "--output", out, "--dtype", "float64"], "float32"),
         "output not empty": (["prune", model, "--output", str(nonempty)], "--overwrite"),
         "N:M with other sparsity": (["prune", model, "--output", out, "--pattern", "2:4", "--sparsity", "0.3"], "implies"),
