@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .arch import ArchSpec, Block, blocks
 from .calibrate import StepTracker, collect_hessians, guided_inputs
-from .hessian import HessianAccumulator
+from .hessian import HessianAccumulator, raise_if_empty
 from .pipelines import run_pipeline
 
 
@@ -195,6 +195,7 @@ def _run_cached(pipe, arch, packages, prompts, call, prune_package, store: Cache
     with collect_hessians(pipe.transformer, arch, first_groups, first_tracker, hessian_device,
                           guided, track_mean) as first_accumulators:
         cache = capture_block_inputs(pipe, arch, first, prompts, call, seed, batch_size, store, progress)
+    raise_if_empty(first_accumulators)
     cache_block = first.index  # the cache holds the inputs of this block
     stats = {"trajectory_passes": 1, "cache_bytes": cache_nbytes(cache), "cache_calls": len(cache)}
     for p, package in enumerate(tqdm(packages, desc="packages (cached)", disable=not progress)):
@@ -215,6 +216,7 @@ def _run_cached(pipe, arch, packages, prompts, call, prune_package, store: Cache
                               track_mean) as accumulators:
             # The transformer itself is not called here: the step index comes from the cache instead.
             propagate(cache, all_blocks[start : end + 1], keep=False, on_call=lambda r: _set_step(tracker, r))
+        raise_if_empty(accumulators)
         prune_package(p, accumulators)
     return stats
 

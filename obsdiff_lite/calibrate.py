@@ -24,7 +24,7 @@ from torch import nn
 
 from .arch import ArchSpec, cfg_scale, reads_image_tokens_only
 from .distributed import allreduce_accumulators, rank_and_world, shard
-from .hessian import DriftAccumulator, HessianAccumulator, all_finite
+from .hessian import DriftAccumulator, HessianAccumulator, all_finite, raise_if_empty
 from .pipelines import run_pipeline
 from .schedules import timestep_weights
 
@@ -260,6 +260,7 @@ def calibrate(pipe, arch: ArchSpec, groups: dict[str, nn.Linear], prompts: list[
                      desc=desc, seeds=[seed + i for i, _ in indexed])
     if world > 1:
         allreduce_accumulators(accumulators)
+    raise_if_empty(accumulators)  # after the all-reduce: a rank without prompts has empty ones of its own
     expected = int(call.get("num_inference_steps", len(pipe.scheduler.timesteps)))
     if indexed and len(tracker.steps_seen) != expected:
         raise RuntimeError(

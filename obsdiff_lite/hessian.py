@@ -271,6 +271,15 @@ def all_finite(accumulators: Iterable[HessianAccumulator]) -> bool:
     return all(bool(torch.isfinite(torch.cat(d)).all()) for d in diagonals.values())
 
 
+def raise_if_empty(accumulators: dict[str, HessianAccumulator]) -> None:
+    """Raise naming the first layer whose Hessian received no calibration input: empty, it would make every input
+    look dead, and OBS would zero the whole layer (structured OBS: call every head and neuron free to remove)."""
+    for key, acc in accumulators.items():
+        if not acc.weight_sum > 0:
+            raise ValueError(f"no calibration input reached layer {key!r}: it never ran during calibration (every step "
+                             "weighing 0 counts as never); check --blocks and the model")
+
+
 def input_variance(acc: HessianAccumulator) -> Tensor:
     """Timestep-weighted variance of each input feature, E[x_j^2] - E[x_j]^2 (clamped at 0), shape [d]."""
     if acc.weight_sum == 0.0:

@@ -505,10 +505,6 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
         t0 = time.perf_counter()
         for t in package_targets[p]:
             group = t.linears()
-            if needs_data and not (t.key in accumulators and accumulators[t.key].weight_sum > 0):
-                # An empty Hessian would make every input look dead and OBS would zero the whole layer.
-                raise ValueError(f"no calibration input reached layer {t.key!r}: it never ran during calibration "
-                                 "(every step weighing 0 counts as never); check --blocks and the model")
             sparsity = block_sparsity[t.block.name]
             drift = dense.drifts.get(t.key) if dense is not None else None
             for name, record in _prune_group(group, config, sparsity, n, m, accumulators.get(t.key), drift).items():
