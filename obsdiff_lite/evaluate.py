@@ -8,13 +8,12 @@ it was calibrated on.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .pipelines import generate_images, load_pipeline, pipeline_call
+from .pipelines import check_guidance, generate_images, load_pipeline, pipeline_call
 from .shapes.bench import evaluate, format_table, image_grid
 from .shapes.dataset import balanced_specs
 
@@ -30,9 +29,7 @@ def check_sampling(num_prompts: int, batch_size: int, steps: int | None = None, 
     for label, value in (("num_prompts", num_prompts), ("batch_size", batch_size), ("steps", steps)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
-    if guidance is not None and not (guidance >= 0 and math.isfinite(guidance)):
-        raise ValueError(f"guidance must be a finite number >= 0 (values <= 1 turn classifier-free guidance off), "
-                         f"got {guidance}")
+    check_guidance(guidance)
 
 
 def sample_shapebench(pipe, num_prompts: int = 64, seed: int = 0, batch_size: int = 32, progress: bool = True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,13 @@ def generation_config(path: str | Path) -> dict:
 def call_kwargs(config: dict) -> dict:
     """Only the pipeline call arguments of a generation config (drops '_'-prefixed metadata)."""
     return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def check_guidance(guidance: float | None) -> None:
+    """Refuse a CFG scale override (``resolve_call``'s ``guidance``) that is negative or not finite."""
+    if guidance is not None and not (guidance >= 0 and math.isfinite(guidance)):
+        raise ValueError(f"guidance must be a finite number >= 0 (values <= 1 turn classifier-free guidance off), "
+                         f"got {guidance}")
 
 
 def resolve_call(generation: dict, steps: int | None = None, guidance: float | None = None) -> dict:

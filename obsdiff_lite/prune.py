@@ -32,7 +32,7 @@ from .distributed import all_equal, broadcast_module_, rank_and_world
 from .hessian import input_variance, wanda_input_norm
 from .obs import (REFIT_ITERS, admm_sparsify_weights, check_sparsity_args, dense_target_weights, parse_pattern,
                   sparsify_weights)
-from .pipelines import parse_device, pipeline_call, resolve_device
+from .pipelines import check_guidance, parse_device, pipeline_call, resolve_device
 from .schedules import WEIGHTINGS
 from .tune import TUNE_LR, TUNE_MAX_CALLS, tune_blocks
 
@@ -221,9 +221,7 @@ class PruneConfig:
         if self.cache_device is not None and self.calibration != "cached" and not self.tune_iters:
             raise ValueError("--cache-device keeps the block inputs of --calibration cached and of --tune-iters; with "
                              "neither it has nothing to keep (drop it)")
-        if self.guidance is not None and not (self.guidance >= 0 and math.isfinite(self.guidance)):
-            raise ValueError(f"guidance must be a finite number >= 0 (values <= 1 turn classifier-free guidance off), "
-                             f"got {self.guidance}")
+        check_guidance(self.guidance)
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
         lo, hi = self.weight_range
