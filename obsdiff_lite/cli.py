@@ -215,7 +215,10 @@ def cmd_plan(args) -> int:
 
     from .pipelines import resolve_dtype
     from .plan import available_memory, format_bytes, plan_for
+    from .surgery import check_output_file, write_file_atomic
 
+    if args.json is not None:
+        check_output_file(args.json, "--json")
     config = _prune_config(args)
     config.validate()
     device, dtype = _plan_device(args.device), resolve_dtype(args.dtype)
@@ -230,7 +233,7 @@ def cmd_plan(args) -> int:
         verdict = "fits" if plan.peak_bytes() <= free else "does NOT fit"
         print(f"free memory on this machine's {device}: {format_bytes(free)} -> {verdict}")
     if args.json is not None:
-        args.json.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+        write_file_atomic(args.json, lambda tmp: tmp.write_text(json.dumps(plan.to_dict(), indent=2) + "\n"))
     return 0
 
 

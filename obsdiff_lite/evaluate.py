@@ -15,7 +15,11 @@ import numpy as np
 
 from .pipelines import check_guidance, generate_images, load_pipeline, pipeline_call
 from .shapes.bench import evaluate, format_table, image_grid
+from .surgery import check_output_file, write_file_atomic
 from .shapes.dataset import balanced_specs
+
+
+GRID_SUFFIXES = (".png", ".jpg", ".jpeg")  # image grids: formats every Pillow build writes in RGB
 
 
 def shapebench_prompts(num_prompts: int, seed: int = 0):
@@ -50,6 +54,10 @@ def evaluate_models(models: dict[str, str | Path], reference: str | Path | None 
     """Score each model (name -> path) on ShapeBench; fidelity (PSNR/SSIM) against ``reference`` if given. Every
     model, the reference too, samples with its generation.json settings, or with ``steps`` / ``guidance`` if given."""
     check_sampling(num_prompts, batch_size, steps, guidance)  # before any model is loaded
+    if grid is not None:
+        check_output_file(grid, "--grid", GRID_SUFFIXES)
+    if json_path is not None:
+        check_output_file(json_path, "--json")
     sampling = dict(steps=steps, guidance=guidance)
     ref_images = None
     if reference is not None:
@@ -63,14 +71,12 @@ def evaluate_models(models: dict[str, str | Path], reference: str | Path | None 
         grids.append(images[:16])
     print(format_table(rows))
     if grid is not None:
-        Path(grid).parent.mkdir(parents=True, exist_ok=True)
-        image_grid(np.concatenate(grids), nrow=16).save(grid)
+        write_file_atomic(grid, image_grid(np.concatenate(grids), nrow=16).save)
     if json_path is not None:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         payload = {"num_prompts": num_prompts, "seed": seed, "reference": str(reference) if reference else None,
                    "steps": steps, "guidance": guidance,
                    "models": {k: str(v) for k, v in models.items()}, "scores": rows}
-        Path(json_path).write_text(json.dumps(payload, indent=2) + "\n")
+        write_file_atomic(json_path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
     return rows
 
 
@@ -89,6 +95,8 @@ def run_demo(output: Path = Path("runs/demo"), model: str | Path | None = None, 
     check_sampling(num_prompts, 32)  # before anything is loaded or pruned
     model = Path(model) if model else Path(__file__).resolve().parent.parent / "data" / "tiny-sd3"
     output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {str(output)!r} exists and is a file; choose a directory path")
     output.mkdir(parents=True, exist_ok=True)
     dense = load_pipeline(model, device)
     specs, dense_images = sample_shapebench(dense, num_prompts, progress=progress)
@@ -106,10 +114,10 @@ def run_demo(output: Path = Path("runs/demo"), model: str | Path | None = None, 
     print(format_table(rows))
     # One row of 16 prompts per model: dense | OBS-Diff | OBS-Diff + refit | OBS-Diff + ADMM | magnitude.
     grid = image_grid(np.concatenate([im[:16] for im in images.values()]), nrow=16)
-    grid.save(output / "grid.png")
+    write_file_atomic(output / "grid.png", grid.save)
     result = {"model": str(model), "sparsity": sparsity, "num_prompts": num_prompts,
               "calibration_prompts": calibration_prompts, "scores": rows, "pruning": reports,
               "grid": str(output / "grid.png"), "grid_rows": list(images)}
-    (output / "report.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_file_atomic(output / "report.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
     print(f"wrote {output / 'report.json'} and {output / 'grid.png'} (rows: {', '.join(images)})")
     return result

@@ -12,7 +12,9 @@ import json
 import shutil
 import signal
 import tempfile
-from collections.abc import Sequence
+import uuid
+import os
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,6 +32,36 @@ def check_output_dir(output: str | Path, overwrite: bool = False) -> Path:
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise ValueError(f"--output {str(output)!r} exists and is not empty; choose a new path or pass --overwrite")
     return output
+
+
+def check_output_file(path: str | Path, option: str, suffixes: Sequence[str] | None = None) -> Path:
+    """Refuse an output file path that could not be written after the work: a directory, a path under a file, or a
+    suffix outside ``suffixes`` (checked before any work, so a long run never ends on an unwritable path)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {str(path)!r} is a directory; give a file path inside it")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"{option} {str(path)!r} lies under {str(parent)!r}, which is a file, not a directory")
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise ValueError(f"{option} {str(path)!r} needs one of the suffixes {', '.join(sorted(suffixes))}")
+    return path
+
+
+def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Create the parents, call ``write`` on a hidden temporary sibling, then rename it onto ``path``: the file is
+    either complete or absent, never half written. Returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Not mkstemp: its files are private (0600); this one gets the permissions of any file the user writes.
+    tmp = path.parent / f".{path.stem}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}"
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 @contextmanager

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from obsdiff_lite.cli import main
@@ -37,6 +38,33 @@ def test_eval_cli_prints_table_and_writes_json_and_grid(random_sd3_dir, tmp_path
     scores = json.loads((tmp_path / "e.json").read_text())["scores"][str(random_sd3_dir)]
     assert scores["psnr"] == 100.0 and abs(scores["ssim"] - 1.0) < 1e-9  # same model, same seeds: identical
     assert (tmp_path / "g.png").is_file()
+
+
+def test_eval_refuses_an_unwritable_grid_before_sampling_and_writes_whole_files(random_sd3_dir, tmp_path,
+                                                                                   monkeypatch):
+    from obsdiff_lite import evaluate as evaluate_module
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("a refused output path must be caught before any model is loaded")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate_module, "load_pipeline", no_sampling)
+        with pytest.raises(ValueError, match="suffixes"):
+            evaluate_module.evaluate_models({"m": random_sd3_dir}, num_prompts=2, grid=tmp_path / "grid.gif")
+
+    # A write that fails half way leaves neither the file nor its temporary sibling behind.
+    def half_written(path):
+        path.write_text("{")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        evaluate_module.write_file_atomic(tmp_path / "out" / "scores.json", half_written)
+    assert list((tmp_path / "out").iterdir()) == []
+    written = evaluate_module.write_file_atomic(tmp_path / "out" / "scores.json", lambda p: p.write_text("{}"))
+    assert written.read_text() == "{}" and list((tmp_path / "out").iterdir()) == [written]
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")
+    assert written.stat().st_mode == plain.stat().st_mode  # permissions of any file the user writes (mkstemp: 0600)
 
 
 def test_eval_samples_with_the_steps_and_guidance_asked_for(random_sd3_dir, tmp_path):
