@@ -33,7 +33,7 @@ from .hessian import input_variance, wanda_input_norm
 from .obs import (REFIT_ITERS, admm_sparsify_weights, check_sparsity_args, dense_target_weights, parse_pattern,
                   sparsify_weights)
 from .pipelines import check_guidance, parse_device, pipeline_call, resolve_device
-from .schedules import WEIGHTINGS
+from .schedules import WEIGHTINGS, timestep_weights
 from .tune import TUNE_LR, TUNE_MAX_CALLS, tune_blocks
 
 log = logging.getLogger(__name__)
@@ -254,6 +254,18 @@ class PruneConfig:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size must be a positive integer (e.g. 128), got {self.block_size!r}")
 
+    def check_step_weights(self, num_steps: int) -> None:
+        """Refuse a weighting that gives all ``num_steps`` denoising steps weight 0 (e.g. log-increase over one step
+        from MIN 0): no calibration input would count. Methods that read no calibration data pass."""
+        if self.method in ("magnitude", "l1-norm") and not self.refit:
+            return
+        weights = timestep_weights(self.effective_weighting, num_steps, *self.weight_range)
+        if not float(weights.sum()) > 0:
+            lo, hi = self.weight_range
+            raise ValueError(f"--weighting {self.effective_weighting} --weight-range {lo:g} {hi:g} gives all {num_steps} "
+                             "denoising step(s) weight 0, so no calibration input would count; give a positive MIN or "
+                             "more --steps")
+
     @property
     def effective_weighting(self) -> str:
         """SparseGPT is OBS with uniform timestep weights; the others use the configured weighting."""
@@ -436,6 +448,7 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
         raise TypeError(f"prune() takes a diffusers SD3/Flux pipeline (with a .transformer), got {type(pipe).__name__}; "
                         "load one with obsdiff_lite.pipelines.load_pipeline")
     config.validate()
+    config.check_step_weights(pipeline_call(pipe, config.steps, config.guidance)["num_inference_steps"])
     for option, where in (("--hessian-device", config.hessian_device), ("--cache-device", config.cache_device)):
         if where is not None and not str(where).startswith("disk"):
             resolve_device(where, option)  # a device this machine has

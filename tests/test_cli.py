@@ -150,6 +150,8 @@ def _bad_cases(model, tmp_path):
                                           "0.5"], "replaces --sparsity"),
         "unknown hessian device": (["prune", model, "--output", out, "--hessian-device", "tpu"], "--hessian-device"),
         "weight range all zero": (["prune", model, "--output", out, "--weight-range", "0", "0"], "weight 0"),
+        "one step weighing 0": (["prune", model, "--output", out, "--steps", "1", "--weighting", "log-increase",
+                                 "--weight-range", "0", "1"], "gives all 1 denoising step(s) weight 0"),
         "eval without prompts": (["eval", model, "--num-prompts", "0"], "num_prompts must be an integer >= 1"),
         "eval with zero steps": (["eval", model, "--num-prompts", "2", "--steps", "0"], "steps must be an integer"),
         "eval batch size zero": (["eval", model, "--num-prompts", "2", "--batch-size", "0"], "batch_size must be"),
