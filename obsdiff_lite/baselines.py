@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from obsdiff_lite.obs import check_sparsity_args
+from obsdiff_lite.obs import check_sparsity_args, check_weight
 
 
 def _lowest_k_mask(scores: Tensor, k: int) -> Tensor:
@@ -40,8 +40,7 @@ def _apply(weight: Tensor, pruned: Tensor) -> tuple[Tensor, Tensor]:
 
 def magnitude_prune(weight: Tensor, sparsity: float = 0.5, n: int = 0, m: int = 0) -> tuple[Tensor, Tensor]:
     """Prune the smallest |w| over the whole matrix (unstructured) or per m-group per row (N:M)."""
-    if weight.ndim != 2:
-        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    check_weight(weight)
     check_sparsity_args(weight.shape[1], sparsity, n, m)
     scores = weight.detach().abs().float()
     if m > 0:
@@ -54,8 +53,7 @@ def wanda_prune(
     weight: Tensor, input_norm: Tensor, sparsity: float = 0.5, n: int = 0, m: int = 0
 ) -> tuple[Tensor, Tensor]:
     """Wanda: prune lowest |W_ij| * ||X_j|| per output row (unstructured) or per m-group per row (N:M)."""
-    if weight.ndim != 2:
-        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    check_weight(weight)
     if tuple(input_norm.shape) != (weight.shape[1],):
         raise ValueError(
             f"input_norm has shape {tuple(input_norm.shape)}, expected ({weight.shape[1]},) = in_features"

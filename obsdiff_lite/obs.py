@@ -69,6 +69,16 @@ def _half_quadratic(D: Tensor, H: Tensor) -> float:
     return float(((D @ H) * D).sum() / 2)
 
 
+def check_weight(weight: Tensor, name: str = "") -> None:
+    """Refuse a weight that no pruning can treat: not 2-D [out, in], not floating point, or holding NaN/inf."""
+    if weight.ndim != 2:
+        raise ValueError(f"weight{_layer(name)} must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise ValueError(f"weight{_layer(name)} must be floating point, got {weight.dtype}")
+    if not bool(torch.isfinite(weight.detach()).all()):  # NaN scores sort arbitrarily; NaN weights spread in OBS
+        raise ValueError(f"weight{_layer(name)} contains NaN/inf before pruning")
+
+
 def parse_pattern(pattern: str) -> tuple[str, int, int]:
     """Parse "unstructured" -> ("unstructured", 0, 0) and "N:M" -> ("nm", N, M) with 0 < N < M."""
     text = str(pattern).strip().lower()
@@ -133,6 +143,9 @@ def prepare_inverse_hessian(
         raise ValueError(f"Hessian{_layer(name)} has negative diagonal entries (smallest {smallest:.3g}), so it is not "
                          "2 X^T X of any inputs; pass the Gram matrix of the layer's inputs")
     scale, asymmetry = float(H.abs().max()), float((H - H.T).abs().max())
+    if scale == 0:  # every input dead: OBS would zero the whole layer whatever sparsity was asked for
+        raise ValueError(f"Hessian{_layer(name)} is all zero: no calibration input reached the layer (or every input "
+                         "was exactly 0), so there is nothing to solve on; check the calibration")
     if asymmetry > 1e-4 * scale:
         raise ValueError(f"Hessian{_layer(name)} is not symmetric (largest |H - H^T| is {asymmetry / scale:.2g} of its "
                          "largest entry); pass 2 X^T X, or (H + H^T) / 2")
@@ -306,8 +319,7 @@ def sparsify_weights(
         raise ValueError(f"need one or more weights and one name per weight, got {len(weights)} and {len(names)}")
     name = ", ".join(n_ for n_ in names if n_)
     for weight, layer in zip(weights, names):
-        if weight.ndim != 2:
-            raise ValueError(f"weight{_layer(layer)} must be 2-D [out, in], got shape {tuple(weight.shape)}")
+        check_weight(weight, layer)
     cols = weights[0].shape[1]
     if any(w.shape[1] != cols for w in weights):
         raise ValueError(f"weights{_layer(name)} share one Hessian but have different in_features "
@@ -337,8 +349,6 @@ def sparsify_weights(
     H = hessian.detach().to(device, work)
     W0 = torch.cat([w.detach().to(device, work) for w in weights]) if len(weights) > 1 else weights[0].detach().to(work)
     segments = _row_segments(weights)
-    if not bool(torch.isfinite(W0).all()):
-        raise ValueError(f"weight{_layer(name)} contains NaN/inf before pruning")
     Hinv, info = prepare_inverse_hessian(H, damp=damp, name=name)
     dead = torch.diagonal(H) == 0
 

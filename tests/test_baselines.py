@@ -108,6 +108,14 @@ def test_validation_is_shared_with_obs():
         with pytest.raises(ValueError, match="finite norms >= 0"):
             wanda_prune(W, torch.tensor([1.0, 1.0, bad, 1.0, 1.0, 1.0]), 0.5)
     ones = torch.ones(6)
+    broken = W.clone()
+    broken[0, 0] = float("nan")
+    pruners = (lambda w: magnitude_prune(w), lambda w: wanda_prune(w, ones), lambda w: dsnot_prune(w, ones, ones, ones))
+    for prune_weight in pruners:
+        with pytest.raises(ValueError, match="NaN/inf before pruning"):  # a NaN score sorts anywhere: arbitrary mask
+            prune_weight(broken)
+        with pytest.raises(ValueError, match="floating point"):
+            prune_weight((W * 10).long())
     with pytest.raises(ValueError, match="input_var finite and >= 0"):
         dsnot_prune(W, ones, -ones, ones, 0.5)
     with pytest.raises(ValueError, match="input_mean must be finite"):

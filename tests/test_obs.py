@@ -246,6 +246,12 @@ def test_a_matrix_that_is_no_gram_matrix_is_refused_not_damped_into_a_solve():
     rounded = H.clone()
     rounded[0, 1] *= 1 + 1e-6
     assert torch.equal(sparsify_weight(W, rounded)[1], sparsify_weight(W, H)[1])
+    # An all-zero H makes every input dead, and dead inputs are pruned for free: the whole layer would be zeroed at
+    # any requested sparsity. Integer weights would be truncated by the update.
+    with pytest.raises(ValueError, match="all zero"):
+        sparsify_weight(W, torch.zeros_like(H))
+    with pytest.raises(ValueError, match="floating point"):
+        sparsify_weight((W * 10).long(), H)
 
 
 # (f) argument validation ---------------------------------------------------------------------------------
