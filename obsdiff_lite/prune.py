@@ -13,11 +13,12 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import numbers
 import platform
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,11 @@ HEAD_SELECTIONS = ("saliency", "trajectory")  # structured: how heads are chosen
 PER_BLOCK = "blocks"  # packages="blocks": one module package per transformer block
 HEAD_CANDIDATES = TRAJECTORY_PROMPTS = 4  # --head-selection trajectory: heads tried per removal, prompts per trial
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "data" / "prompts"
+
+
+# PruneConfig's scalar annotations -> accepted Python types and how a message names them (PruneConfig._validate_types).
+_SCALAR_TYPES = {"bool": ((bool, np.bool_), "True or False"), "int": ((numbers.Integral,), "an integer"),
+                 "float": ((numbers.Real,), "a number"), "str": ((str,), "a string")}
 
 
 @dataclass
@@ -89,6 +95,7 @@ class PruneConfig:
 
     def validate(self) -> None:
         """Refuse impossible settings with one readable line each."""
+        self._validate_types()
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.pattern == "structured":
@@ -123,6 +130,24 @@ class PruneConfig:
             raise ValueError("--refit applies to unstructured and N:M pruning; structured OBS already solves its kept "
                              "weights exactly")
         self._validate_common()
+
+    def _validate_types(self) -> None:
+        """Every scalar setting has its annotated type (Python callers; the CLI parses them): refit="no" would run the
+        re-fit, steps=2.5 or damp="0.01" would fail deep inside a run. Numpy numbers count; bools are no numbers."""
+        for f in fields(self):
+            base, optional, _ = f.type.partition(" | None")
+            value = getattr(self, f.name)
+            if base not in _SCALAR_TYPES or (value is None and optional):
+                continue
+            kinds, description = _SCALAR_TYPES[base]
+            description = "a 'START:END' string such as '2:25'" if f.name == "blocks" else description
+            if f.name.endswith("_device"):
+                kinds = (*kinds, torch.device)
+            if not isinstance(value, kinds) or (base != "bool" and isinstance(value, (bool, np.bool_))):
+                raise ValueError(f"{f.name} must be {description}{' or None' if optional else ''}, got {value!r}")
+        pair = self.weight_range if isinstance(self.weight_range, (tuple, list)) else ()
+        if len(pair) != 2 or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in pair):
+            raise ValueError(f"weight_range must be two numbers (MIN, MAX), e.g. (0.8, 1.2), got {self.weight_range!r}")
 
     def _validate_structured(self) -> None:
         """Structured pruning: obs-diff or l1-norm, and a head and an FFN sparsity in [0, 1)."""
