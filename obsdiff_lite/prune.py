@@ -373,6 +373,9 @@ def default_prompts(pipe, num: int, seed: int) -> list[str]:
         # Seeds 10_000+ keep calibration prompts apart from evaluation prompts (ShapeBench uses small seeds).
         return [s.caption() for s in balanced_specs(num, seed=10_000 + seed)]
     prompts = read_prompts(PROMPTS_DIR / "calibration.txt")
+    if num > len(prompts):  # not silently fewer than asked for
+        raise ValueError(f"--num-prompts {num} asks for more than the {len(prompts)} prompts of the shipped list "
+                         f"{PROMPTS_DIR / 'calibration.txt'}; use --num-prompts {len(prompts)} or less, or --prompts FILE")
     return prompts[:num]
 
 

@@ -69,3 +69,12 @@ def test_shipped_calibration_prompts_for_real_models():
 
     prompts = read_prompts(Path(__file__).resolve().parent.parent / "data" / "prompts" / "calibration.txt")
     assert len(prompts) >= 100 and len(set(prompts)) == len(prompts)
+    # A real model's default prompts come from that list: the first N, and never silently fewer than asked for.
+    from types import SimpleNamespace
+
+    from obsdiff_lite.prune import default_prompts
+
+    real_model = SimpleNamespace(obsdiff_generation={})
+    assert default_prompts(real_model, 100, seed=0) == prompts[:100]
+    with pytest.raises(ValueError, match=f"more than the {len(prompts)} prompts .* or --prompts FILE"):
+        default_prompts(real_model, len(prompts) + 1, seed=0)
