@@ -111,6 +111,32 @@ def _json_default(value):
     return str(value)
 
 
+def config_structure(transformer: nn.Module) -> dict[str, dict[str, int]]:
+    """``transformer_structure`` of a fresh transformer built from the same config (on the meta device: no memory)."""
+    with torch.device("meta"):
+        fresh = type(transformer).from_config(transformer.config)
+    return transformer_structure(fresh)
+
+
+def with_lineage(pipe, report: dict) -> dict:
+    """``report`` plus what a later load and a reader need of the pipeline's past: the "structure" of a transformer
+    whose heads or neurons were removed earlier (an unstructured prune of a structured output, whose own report has
+    none: without it the output could not be reloaded) and, as "previous", the obsdiff.json of the directory the
+    pipeline was loaded from (a pruned output pruned again keeps its history)."""
+    report = dict(report)
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is not None and "structure" not in report:
+        structure = transformer_structure(transformer)
+        if structure != config_structure(transformer):
+            report["structure"] = structure
+    source = getattr(pipe, "obsdiff_source", None)
+    if source is not None and "previous" not in report and (Path(source) / "obsdiff.json").is_file():
+        from .pipelines import read_json_object
+
+        report["previous"] = read_json_object(Path(source) / "obsdiff.json")
+    return report
+
+
 def save_pipeline(pipe, output: str | Path, report: dict, overwrite: bool = False,
                   extra_files: dict[str, str] | None = None) -> Path:
     """Atomically write ``pipe`` (safetensors), ``obsdiff.json``, its generation.json and extra files to ``output``.
@@ -123,6 +149,7 @@ def save_pipeline(pipe, output: str | Path, report: dict, overwrite: bool = Fals
     arrives during the commit surfaces after it as ``OutputCompleteInterrupt``: the output is complete.
     """
     output = check_output_dir(output, overwrite)
+    report = with_lineage(pipe, report)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp: Path | None = None
     committed = False

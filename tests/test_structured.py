@@ -110,6 +110,29 @@ def test_save_and_reload_gives_identical_images(random_dir, tmp_path):
     assert np.array_equal(images, generate_images(reloaded, PROMPTS, seed=3, call=call, progress=False))
 
 
+def test_a_structured_output_pruned_again_unstructured_reloads_and_keeps_its_history(random_dir, tmp_path):
+    """The unstructured prune's own report has no "structure"; the save records the transformer's (else the output
+    could not be reloaded: the shapes no longer match its config) and the parent's obsdiff.json as "previous"."""
+    pipe = load_pipeline(random_dir)
+    first = prune(pipe, PruneConfig(pattern="structured", sparsity=0.3, packages=1, **FAST), progress=False)
+    structured_dir = save_pipeline(pipe, tmp_path / "structured", first)
+    pipe = load_pipeline(structured_dir)
+    second = prune(pipe, PruneConfig(sparsity=0.5, packages=1, **FAST), progress=False)
+    assert "structure" not in second
+    call = call_kwargs(pipe.obsdiff_generation) | {"num_inference_steps": 2}
+    images = generate_images(pipe, PROMPTS, seed=3, call=call, progress=False)
+    out = save_pipeline(pipe, tmp_path / "again", second)
+    saved = json.loads((out / "obsdiff.json").read_text())
+    assert saved["structure"] == first["structure"]
+    assert saved["previous"]["config"]["pattern"] == "structured" and saved["config"]["pattern"] == "unstructured"
+    reloaded = load_pipeline(out)
+    assert np.array_equal(images, generate_images(reloaded, PROMPTS, seed=3, call=call, progress=False))
+    # a dense-shaped transformer records no structure (its output stays loadable by plain diffusers)
+    dense_shaped = load_pipeline(random_dir)
+    saved = json.loads((save_pipeline(dense_shaped, tmp_path / "dense", {}) / "obsdiff.json").read_text())
+    assert "structure" not in saved
+
+
 def test_linear_macs_match_a_real_forward(random_dir):
     """linear_macs counts what the block linears really multiply in one transformer call (per sample)."""
     pipe = load_pipeline(random_dir)
