@@ -11,6 +11,7 @@ already-pruned earlier ones.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import numbers
@@ -349,7 +350,8 @@ def per_block_sparsity(config: PruneConfig, selected: list[Block], block_weights
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """Non-empty, stripped lines of a prompt file; clear errors for a missing or empty file."""
+    """Non-empty, stripped lines of a prompt file (or the strings of a .json list); clear errors for a missing or
+    empty file and for data formats whose markup would be read as prompts."""
     path = Path(path)
     if not path.is_file():
         why = "is a directory" if path.is_dir() else "does not exist"
@@ -359,7 +361,22 @@ def read_prompts(path: str | Path) -> list[str]:
     except UnicodeDecodeError as exc:
         raise ValueError(f"prompt file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as "
                          "UTF-8, one prompt per line") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    suffix = path.suffix.lower()
+    if suffix == ".json":  # a JSON list of strings; read line by line it would calibrate on '[' and '"a cat",'
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"prompt file {str(path)!r} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"prompt file {str(path)!r} must hold a JSON list of strings, or be a text file with one "
+                             "prompt per line")
+        lines = value
+    elif suffix in (".jsonl", ".csv", ".tsv", ".parquet", ".yaml", ".yml"):
+        raise ValueError(f"prompt file {str(path)!r} is a {suffix} file, read as plain text its markup would become "
+                         "prompts; give a text file with one prompt per line (or a .json list of strings)")
+    else:
+        lines = text.splitlines()
+    prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise ValueError(f"prompt file {str(path)!r} has no prompts; put one prompt per line")
     return prompts

@@ -96,6 +96,10 @@ def _bad_cases(model, tmp_path):
     (nonempty / "x").write_text("x")
     empty_prompts = tmp_path / "empty.txt"
     empty_prompts.write_text("\n  \n")
+    csv_prompts = tmp_path / "prompts.csv"
+    csv_prompts.write_text("id,caption\n1,a cat\n")
+    dict_prompts = tmp_path / "prompts.json"
+    dict_prompts.write_text('{"prompts": ["a cat"]}')
     latin1_prompts = tmp_path / "latin1.txt"
     latin1_prompts.write_bytes("un café\n".encode("latin-1"))
     not_a_pipeline = tmp_path / "notpipe"
@@ -129,6 +133,9 @@ def _bad_cases(model, tmp_path):
         "prompt file empty": (["prune", model, "--output", out, "--prompts", str(empty_prompts)], "no prompts"),
         "prompt file a directory": (["prune", model, "--output", out, "--prompts", str(tmp_path)], "is a directory"),
         "prompt file not UTF-8": (["prune", model, "--output", out, "--prompts", str(latin1_prompts)], "not UTF-8"),
+        "prompt file a CSV table": (["prune", model, "--output", out, "--prompts", str(csv_prompts)], "is a .csv file"),
+        "prompt file a JSON object": (["prune", model, "--output", out, "--prompts", str(dict_prompts)],
+                                      "JSON list of strings"),
         "unsupported dtype": (["prune", model, "--output", out, "--dtype", "float64"], "float32"),
         "output not empty": (["prune", model, "--output", str(nonempty)], "--overwrite"),
         "N:M with other sparsity": (["prune", model, "--output", out, "--pattern", "2:4", "--sparsity", "0.3"], "implies"),

@@ -78,3 +78,15 @@ def test_shipped_calibration_prompts_for_real_models():
     assert default_prompts(real_model, 100, seed=0) == prompts[:100]
     with pytest.raises(ValueError, match=f"more than the {len(prompts)} prompts .* or --prompts FILE"):
         default_prompts(real_model, len(prompts) + 1, seed=0)
+
+
+def test_prompt_files_in_json_are_read_as_lists_not_as_lines(tmp_path):
+    from obsdiff_lite.prune import read_prompts
+
+    listed = tmp_path / "prompts.json"
+    listed.write_text('[\n  "a red fox in snow",\n  " a lighthouse ",\n  ""\n]\n')
+    assert read_prompts(listed) == ["a red fox in snow", "a lighthouse"]
+    broken = tmp_path / "broken.json"
+    broken.write_text('["a cat",')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_prompts(broken)
