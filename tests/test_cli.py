@@ -165,6 +165,8 @@ def _bad_cases(model, tmp_path):
         "eval negative guidance": (["eval", model, "--num-prompts", "2", "--guidance", "-1"], "guidance must be"),
         "demo without prompts": (["demo", "--num-prompts", "0", "--output", out], "num_prompts must be"),
         "demo output a file": (["demo", "--num-prompts", "2", "--output", str(nonempty / "x")], "is a file"),
+        "demo of a missing model": (["demo", "--num-prompts", "2", "--model", str(tmp_path / "nope"), "--output", out],
+                                    "does not exist"),
         "eval grid a directory": (["eval", model, "--num-prompts", "2", "--grid", str(tmp_path)], "is a directory"),
         "eval grid not an image": (["eval", model, "--num-prompts", "2", "--grid", out + ".txt"], ".png"),
         "eval json under a file": (["eval", model, "--num-prompts", "2", "--json", str(nonempty / "x" / "s.json")],
