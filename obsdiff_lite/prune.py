@@ -492,6 +492,10 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
     if not hasattr(pipe, "transformer"):
         raise TypeError(f"prune() takes a diffusers SD3/Flux pipeline (with a .transformer), got {type(pipe).__name__}; "
                         "load one with obsdiff_lite.pipelines.load_pipeline")
+    if getattr(pipe, "obsdiff_partial", None):
+        log.warning("this pipeline was left partially pruned by a prune() that stopped half way (%s): some blocks are "
+                    "pruned, others not, and this run prunes the pruned ones again; reload it with load_pipeline() to "
+                    "start from its saved weights", pipe.obsdiff_partial)
     config.validate()
     config.check_step_weights(pipeline_call(pipe, config.steps, config.guidance)["num_inference_steps"])
     for option, where in (("--hessian-device", config.hessian_device), ("--cache-device", config.cache_device)):
@@ -571,6 +575,7 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
         timings["solve_s"] += time.perf_counter() - t0
 
     start = time.perf_counter()
+    mark_partial(pipe, config)  # weights change from here on; cleared when the run completes
     cache_stats = None
     if needs_data and config.calibration == "cached":
         from .cached import run_cached
@@ -609,6 +614,7 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
     if cache_stats is not None:
         timings["calibration_s"] = timings["total_s"] - timings["solve_s"] - timings.get("tune_s", 0.0)
 
+    pipe.obsdiff_partial = None
     pruned = sum(block_weights.values())
     zeros = sum(int((linear.weight == 0).sum()) for t in targets for _, linear in t.linears())
     if n:
@@ -643,6 +649,13 @@ def _tune(pipe, config: PruneConfig, arch, dense_copy: nn.Module, selected: list
     return tune_blocks(pipe, dense_copy, tuned, linears, prompts, call, tracker, iters=config.tune_iters,
                        lr=config.tune_lr, seed=config.seed, batch_size=config.batch_size,
                        max_calls=config.tune_max_calls, cache_device=config.cache_device, progress=progress)
+
+
+def mark_partial(pipe, config: PruneConfig) -> None:
+    """Mark ``pipe`` as being pruned (set before its weights change, cleared by the engine when the run completes):
+    a run stopped half way (Ctrl-C in a notebook, out of memory) leaves the mark, and the next prune() warns."""
+    pipe.obsdiff_partial = (f"method {config.method}, pattern {config.pattern}, sparsity "
+                            f"{config.sparsity if config.sparsity is not None else 'per pattern'}")
 
 
 def run_record(config: PruneConfig, prompts: list[str], arch, call: dict, selected: list[Block],

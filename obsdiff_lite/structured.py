@@ -40,7 +40,7 @@ from .calibrate import calibrate
 from .hessian import ieee_fp32_matmul
 from .obs import prepare_inverse_hessian
 from .pipelines import pipeline_call, run_pipeline
-from .prune import PER_BLOCK, PruneConfig, _peak_memory_bytes, default_prompts, run_record
+from .prune import PER_BLOCK, PruneConfig, _peak_memory_bytes, default_prompts, mark_partial, run_record
 from .surgery import attention_module, head_channels, head_dim, remove_heads, remove_neurons, transformer_structure
 
 RRF_K = 60  # Reciprocal Rank Fusion constant (paper)
@@ -497,6 +497,7 @@ def prune_structured(pipe, config: PruneConfig, progress: bool = True) -> dict:
     block_records: dict[str, dict] = {b.name: {} for b in selected}
     timings = {"calibration_s": 0.0, "solve_s": 0.0}
     start = time.perf_counter()
+    mark_partial(pipe, config)  # heads and neurons go from here on; cleared when the run completes
     for p, package in enumerate(tqdm(packages, desc="packages", disable=not progress)):
         active = [u for u in package if any(plan_of[id(u)].values())]
         hessians: dict[str, Tensor] = {}
@@ -526,6 +527,7 @@ def prune_structured(pipe, config: PruneConfig, progress: bool = True) -> dict:
         hessians.clear()  # free this package's Hessians before the next calibration pass
         timings["solve_s"] += time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - start
+    pipe.obsdiff_partial = None
 
     targeted_after = sum(int(lin.weight.numel()) for lin in targeted())
     return run_record(config, prompts, arch, call, selected, len(packages)) | {

@@ -299,3 +299,42 @@ def test_rerun_from_recorded_config_is_bit_identical(random_sd3_dir, tmp_path, o
     again = pipe.transformer.state_dict()
     assert saved.keys() == again.keys()
     assert all(torch.equal(saved[k], again[k]) for k in saved)
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(pattern="structured", sparsity=0.3)], ids=["unstructured", "structured"])
+def test_a_prune_stopped_half_way_is_named_by_the_next_one(random_sd3_dir, monkeypatch, caplog, settings):
+    """Ctrl-C in a notebook after the first package leaves some blocks pruned: running the cell again must say so
+    (it would prune those blocks twice). A refused config changes nothing and leaves no mark."""
+    import obsdiff_lite.prune as prune_module
+    import obsdiff_lite.structured as structured_module
+    from obsdiff_lite.pipelines import load_pipeline
+    from obsdiff_lite.prune import PruneConfig, prune
+
+    config = PruneConfig(**(dict(packages=2, num_prompts=2, steps=2, batch_size=2) | settings))
+    pipe = load_pipeline(random_sd3_dir)
+    with pytest.raises(ValueError):
+        prune(pipe, PruneConfig(sparsity=1.5), progress=False)
+    assert getattr(pipe, "obsdiff_partial", None) is None
+    module = structured_module if settings else prune_module
+    calibrate, calls = module.calibrate, []
+
+    def interrupted_second_package(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return calibrate(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "calibrate", interrupted_second_package)
+        with pytest.raises(KeyboardInterrupt):
+            prune(pipe, config, progress=False)
+    assert "method obs-diff" in pipe.obsdiff_partial
+    with caplog.at_level("WARNING", logger="obsdiff_lite.prune"):
+        prune(pipe, config, progress=False)
+    assert "left partially pruned" in caplog.text and "load_pipeline()" in caplog.text
+    assert pipe.obsdiff_partial is None  # the run completed
+    caplog.clear()
+    fresh = load_pipeline(random_sd3_dir)
+    with caplog.at_level("WARNING", logger="obsdiff_lite.prune"):
+        prune(fresh, config, progress=False)
+    assert "partially pruned" not in caplog.text
