@@ -79,6 +79,16 @@ def check_weight(weight: Tensor, name: str = "") -> None:
         raise ValueError(f"weight{_layer(name)} contains NaN/inf before pruning")
 
 
+def cast_weight(weight: Tensor, dtype: torch.dtype, name: str = "") -> Tensor:
+    """``weight`` in the model's ``dtype``; refuses values it cannot hold (an update beyond float16's 65504 is inf)."""
+    out = weight.to(dtype)
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"the updated weights{_layer(name)} do not fit {str(dtype).replace('torch.', '')} (largest "
+                         f"|w| = {float(weight.abs().max()):.3g}); prune in float32 or bfloat16 (--dtype) or pass a "
+                         "larger --damp")
+    return out
+
+
 def parse_pattern(pattern: str) -> tuple[str, int, int]:
     """Parse "unstructured" -> ("unstructured", 0, 0) and "N:M" -> ("nm", N, M) with 0 < N < M."""
     text = str(pattern).strip().lower()

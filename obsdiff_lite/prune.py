@@ -32,8 +32,8 @@ from .baselines import dsnot_prune, magnitude_prune, wanda_prune
 from .calibrate import HESSIAN_INPUTS, DenseReference, StepTracker, calibrate
 from .distributed import all_equal, broadcast_module_, rank_and_world
 from .hessian import input_variance, wanda_input_norm
-from .obs import (REFIT_ITERS, admm_sparsify_weights, check_sparsity_args, dense_target_weights, parse_pattern,
-                  sparsify_weights)
+from .obs import (REFIT_ITERS, admm_sparsify_weights, cast_weight, check_sparsity_args, dense_target_weights,
+                  parse_pattern, sparsify_weights)
 from .pipelines import check_guidance, parse_device, pipeline_call, resolve_device
 from .schedules import WEIGHTINGS, timestep_weights
 from .tune import TUNE_LR, TUNE_MAX_CALLS, tune_blocks
@@ -471,7 +471,7 @@ def _prune_group(linears: list[tuple[str, nn.Linear]], config: PruneConfig, spar
                                    refit_iters=refit_iters)
     records = {}
     for (name, linear), (new, _, stats), shift in zip(linears, results, shifts):
-        linear.weight.data.copy_(new.to(linear.weight.dtype))
+        linear.weight.data.copy_(cast_weight(new, linear.weight.dtype, name))
         record = {"shape": list(linear.weight.shape), "sparsity": float((linear.weight.data == 0).float().mean())}
         record.update(shift)
         record.update({k: (float(v) if isinstance(v, (int, float)) else v) for k, v in stats.items() if k != "sparsity"})

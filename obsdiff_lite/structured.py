@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from .arch import Block, FFNSpec, arch_for_transformer, blocks, get_linear, parse_block_range
 from .calibrate import calibrate
 from .hessian import ieee_fp32_matmul
-from .obs import prepare_inverse_hessian
+from .obs import cast_weight, prepare_inverse_hessian
 from .pipelines import pipeline_call, run_pipeline
 from .prune import PER_BLOCK, PruneConfig, _peak_memory_bytes, default_prompts, mark_partial, run_record
 from .surgery import attention_module, head_channels, head_dim, remove_heads, remove_neurons, transformer_structure
@@ -337,9 +337,9 @@ def _unit_plan(unit: StructuredUnit, head_s: float, ffn_s: float, ffn_multiple: 
     return plan
 
 
-def _write_weight(linear: nn.Linear, weight: Tensor) -> None:
-    """Copy a solver result back into ``linear`` in its own dtype and device."""
-    linear.weight.data.copy_(weight.to(linear.weight.device, linear.weight.dtype))
+def _write_weight(linear: nn.Linear, weight: Tensor, name: str = "") -> None:
+    """Copy a solver result back into ``linear`` in its own dtype (refused if it does not fit) and device."""
+    linear.weight.data.copy_(cast_weight(weight.to(linear.weight.device), linear.weight.dtype, name))
 
 
 def _prune_heads(unit: StructuredUnit, count: int, method: str, hessians: dict[str, Tensor], damp: float,
@@ -362,7 +362,7 @@ def _prune_heads(unit: StructuredUnit, count: int, method: str, hessians: dict[s
         trial = None if judge is None else (lambda weights: judge.error({linears[n]: w for n, w in weights.items()}))
         removed, history = prune_heads_obs(pruners, head_columns, count, judge=trial, candidates=candidates)
         for name, lin in linears.items():
-            _write_weight(lin, pruners[name].full_weight())
+            _write_weight(lin, pruners[name].full_weight(), name)
             hessians[name] = pruners[name].live_hessian()  # a later unit of this package may read this input too
             layers[name].update(pruners[name].stats())
     remove_heads(block, [h for h in range(heads) if h not in removed])
@@ -391,7 +391,7 @@ def _prune_ffns(unit: StructuredUnit, plan: dict[str, int], method: str, hessian
             removed = candidates[torch.sort(scores, stable=True).indices[:count]]
         else:
             new, removed, stats = prune_columns(down.weight, hessians[name], candidates, count, damp, name=name)
-            _write_weight(down, new)
+            _write_weight(down, new, name)
             layers[name].update(stats)
         keep = candidates[~torch.isin(candidates, removed.cpu())] - offset
         remove_neurons(block, ffn, keep)

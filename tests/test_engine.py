@@ -605,3 +605,24 @@ def test_dense_targets_with_one_package_are_obs_diff_bit_for_bit(random_sd3_dir)
     prune(dense, PruneConfig(dense_targets=True, **config), progress=False)
     assert all(torch.equal(a, b) for a, b in zip(plain.transformer.state_dict().values(),
                                                  dense.transformer.state_dict().values()))
+
+
+def test_weights_that_do_not_fit_the_model_dtype_are_refused_not_written_as_inf(random_sd3_dir, monkeypatch):
+    """An OBS update beyond float16's range (65504) became inf silently when written back into a float16 model."""
+    import obsdiff_lite.prune as prune_module
+    from obsdiff_lite.obs import cast_weight
+
+    big = torch.full((2, 2), 1e5)
+    assert torch.equal(cast_weight(big, torch.bfloat16), big.to(torch.bfloat16))  # bfloat16 holds it
+    with pytest.raises(ValueError, match="'blk.to_q'.*do not fit float16.*1e\\+05"):
+        cast_weight(big, torch.float16, "blk.to_q")
+
+    solve = prune_module.sparsify_weights
+
+    def overflowing(weights, *args, **kwargs):
+        return [(w * 0 + 1e5, keep, stats) for w, keep, stats in solve(weights, *args, **kwargs)]
+
+    monkeypatch.setattr(prune_module, "sparsify_weights", overflowing)
+    pipe = load_pipeline(random_sd3_dir, dtype="float16")
+    with pytest.raises(ValueError, match="transformer_blocks.0.attn.to_q.*do not fit float16"):
+        prune(pipe, PruneConfig(**FAST), progress=False)
