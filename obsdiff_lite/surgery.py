@@ -31,7 +31,23 @@ def check_output_dir(output: str | Path, overwrite: bool = False) -> Path:
         raise ValueError(f"--output {str(output)!r} exists and is a file; choose a directory path")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise ValueError(f"--output {str(output)!r} exists and is not empty; choose a new path or pass --overwrite")
+    _check_writable_parent(output, "--output")
     return output
+
+
+def _check_writable_parent(path: Path, option: str) -> None:
+    """Refuse ``path`` when its nearest existing ancestor is a file or cannot take new entries, found by creating
+    (and removing) an empty folder there: a long run must not end on a path it can never write."""
+    parent = next((p for p in Path(os.path.abspath(path)).parents if p.exists()), None)
+    if parent is None:
+        return
+    if not parent.is_dir():
+        raise ValueError(f"{option} {str(path)!r} lies under {str(parent)!r}, which is a file, not a directory")
+    try:
+        Path(tempfile.mkdtemp(prefix=".obsdiff-write-check-", dir=parent)).rmdir()
+    except OSError as exc:
+        raise ValueError(f"{option} {str(path)!r} cannot be written: {parent} does not take new files "
+                         f"({exc.strerror or exc}); choose another path") from None
 
 
 def check_output_file(path: str | Path, option: str, suffixes: Sequence[str] | None = None) -> Path:
@@ -40,9 +56,7 @@ def check_output_file(path: str | Path, option: str, suffixes: Sequence[str] | N
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{option} {str(path)!r} is a directory; give a file path inside it")
-    parent = next((p for p in path.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise ValueError(f"{option} {str(path)!r} lies under {str(parent)!r}, which is a file, not a directory")
+    _check_writable_parent(path, option)
     if suffixes is not None and path.suffix.lower() not in suffixes:
         raise ValueError(f"{option} {str(path)!r} needs one of the suffixes {', '.join(sorted(suffixes))}")
     return path

@@ -138,6 +138,7 @@ def _bad_cases(model, tmp_path):
                                       "JSON list of strings"),
         "unsupported dtype": (["prune", model, "--output", out, "--dtype", "float64"], "float32"),
         "output not empty": (["prune", model, "--output", str(nonempty)], "--overwrite"),
+        "output under a file": (["prune", model, "--output", str(nonempty / "x" / "out")], "which is a file"),
         "N:M with other sparsity": (["prune", model, "--output", out, "--pattern", "2:4", "--sparsity", "0.3"], "implies"),
         "refit of structured": (["prune", model, "--output", out, "--pattern", "structured", "--refit"], "--refit"),
         "dense targets of wanda": (["prune", model, "--output", out, "--method", "wanda", "--dense-targets"],
@@ -194,6 +195,28 @@ def test_bad_input_gives_one_readable_line(random_sd3_dir, tmp_path, capsys):
         assert "Traceback" not in err
     assert not (tmp_path / "out").exists(), "a refused run must not create its output"
     assert (tmp_path / "nonempty" / "x").read_text() == "x"
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(random_sd3_dir, tmp_path, monkeypatch,
+                                                                            capsys):
+    """A read-only disk (or a folder without write permission) failed only when saving, after the whole prune."""
+    import tempfile
+
+    import obsdiff_lite.pipelines as pipelines
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the output path must be checked before the model is loaded")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(pipelines, "load_pipeline", no_loading)
+    for argv in (["prune", str(random_sd3_dir), "--output", str(tmp_path / "out")],
+                 ["eval", str(random_sd3_dir), "--num-prompts", "2", "--json", str(tmp_path / "scores.json")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "cannot be written" in err and "Permission denied" in err and "Traceback" not in err
 
 
 def test_console_entry_point_runs_without_traceback(tmp_path):
