@@ -6,7 +6,8 @@
     obsdiff demo
     torchrun --nproc_per_node 8 -m obsdiff_lite prune MODEL --output OUT --device cuda   (data-parallel)
 
-Bad input ends with one readable line and exit status 2, never a traceback.
+Bad input ends with one readable line and exit status 2; the machine failing (a full disk: 1, out of memory: 3)
+with one line too; never a traceback.
 """
 
 from __future__ import annotations
@@ -329,6 +330,9 @@ def _run(args) -> int:
         print("obsdiff: error: out of memory; run `obsdiff plan` with the same options, then use more --packages, "
               "--hessian-device cpu, a lower --dtype or fewer --num-prompts", file=sys.stderr)
         return 3
+    except OSError as exc:  # the machine, not the input: a full disk, a file vanished or locked mid-run
+        print(f"obsdiff: error: {exc} (no partial output is left behind)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -219,6 +219,20 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(rand
         assert "cannot be written" in err and "Permission denied" in err and "Traceback" not in err
 
 
+def test_a_full_disk_while_saving_is_one_line_and_leaves_nothing(random_sd3_dir, tmp_path, monkeypatch, capsys):
+    import diffusers
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "save_pretrained", disk_full)
+    argv = ["prune", str(random_sd3_dir), "--output", str(tmp_path / "out"), "--num-prompts", "1", "--steps", "1"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "obsdiff: error: [Errno 28] No space left on device (no partial output is left behind)"
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its temporary sibling
+
+
 def test_console_entry_point_runs_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "obsdiff_lite", "prune", str(tmp_path / "missing"), "--output",
                            str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
