@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .pipelines import check_guidance, generate_images, load_pipeline, pipeline_call
+from .pipelines import DATA_DIR, check_guidance, generate_images, load_pipeline, pipeline_call
 from .shapes.bench import evaluate, format_table, image_grid
 from .surgery import check_output_file, write_file_atomic
 from .shapes.dataset import balanced_specs
@@ -93,7 +93,7 @@ def run_demo(output: Path = Path("runs/demo"), model: str | Path | None = None, 
     from .prune import PruneConfig, prune
 
     check_sampling(num_prompts, 32)  # before anything is loaded or pruned
-    model = Path(model) if model else Path(__file__).resolve().parent.parent / "data" / "tiny-sd3"
+    model = model or DATA_DIR / "tiny-sd3"
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {str(output)!r} exists and is a file; choose a directory path")

@@ -83,8 +83,25 @@ def _saved_structure(path: Path) -> dict | None:
     return read_json_object(report).get("structure") if report.is_file() else None
 
 
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # the repository's tiny models, prompts, references
+
+
+def shipped_models() -> list[str]:
+    """Names of the tiny pipelines in the repository's data/ folder (tiny-sd3, tiny-flux, ...)."""
+    return sorted(p.parent.name for p in DATA_DIR.glob("*/model_index.json"))
+
+
+def resolve_model_path(path_or_id: str | Path) -> str | Path:
+    """A path that exists as given; else a shipped tiny model's name ("tiny-sd3") as its folder in data/, so it
+    works from any directory; else unchanged (a hub id)."""
+    if not Path(path_or_id).exists() and str(path_or_id) in shipped_models():
+        return DATA_DIR / str(path_or_id)
+    return path_or_id
+
+
 def load_pipeline(path_or_id: str | Path, device: str | torch.device | None = "cpu", dtype=None, **kwargs):
-    """Load an SD3 or Flux pipeline from a local directory or hub id (pruned outputs included)."""
+    """Load an SD3 or Flux pipeline from a local directory, a shipped tiny model's name or a hub id (pruned outputs
+    included)."""
     import diffusers
     import transformers
 
@@ -94,6 +111,7 @@ def load_pipeline(path_or_id: str | Path, device: str | torch.device | None = "c
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    path_or_id = resolve_model_path(path_or_id)
     path = Path(path_or_id)
     if path.exists():
         class_name = _pipeline_class_name(path)
@@ -114,7 +132,8 @@ def load_pipeline(path_or_id: str | Path, device: str | torch.device | None = "c
     else:
         looks_like_id = str(path_or_id).count("/") == 1 and not str(path_or_id).startswith((".", "/"))
         if not looks_like_id:
-            raise PipelineError(f"model path {str(path_or_id)!r} does not exist (and is not a hub id like 'org/name')")
+            raise PipelineError(f"model path {str(path_or_id)!r} does not exist (and is not a hub id like 'org/name' "
+                                f"or a shipped tiny model: {', '.join(shipped_models())})")
         source = str(path_or_id)
         class_name = kwargs.pop("pipeline_class", None)
         if class_name is None:

@@ -644,7 +644,9 @@ def load_plan_model(model: str | Path) -> tuple[nn.Module, dict]:
         side = 512  # the paper's calibration resolution
         return transformer, {"call": {"height": side, "width": side}, "model_numel": numel, "model_other_bytes": 0,
                              "tokenizer_max_length": _CLIP_TOKENS, "vae_scale_factor": 8}
-    path = Path(model)
+    from .pipelines import _pipeline_class_name, _saved_structure, call_kwargs, generation_config, resolve_model_path
+
+    path = Path(resolve_model_path(model))
     if not path.is_dir():
         raise ValueError(
             f"{str(model)!r} is neither a local pipeline directory nor a known architecture "
@@ -653,7 +655,6 @@ def load_plan_model(model: str | Path) -> tuple[nn.Module, dict]:
     import diffusers
 
     from .arch import arch_for_pipeline_class
-    from .pipelines import _pipeline_class_name, _saved_structure, call_kwargs, generation_config
 
     arch_for_pipeline_class(_pipeline_class_name(path))
     index = json.loads((path / "model_index.json").read_text())

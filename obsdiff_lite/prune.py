@@ -34,7 +34,7 @@ from .distributed import all_equal, broadcast_module_, rank_and_world
 from .hessian import input_variance, wanda_input_norm
 from .obs import (REFIT_ITERS, admm_sparsify_weights, cast_weight, check_sparsity_args, dense_target_weights,
                   parse_pattern, sparsify_weights)
-from .pipelines import check_guidance, parse_device, pipeline_call, resolve_device
+from .pipelines import DATA_DIR, check_guidance, parse_device, pipeline_call, resolve_device
 from .schedules import WEIGHTINGS, timestep_weights
 from .tune import TUNE_LR, TUNE_MAX_CALLS, tune_blocks
 
@@ -47,7 +47,7 @@ SOLVERS = ("obs", "admm")  # unstructured / N:M OBS methods: the paper's one-pas
 HEAD_SELECTIONS = ("saliency", "trajectory")  # structured: how heads are chosen (structured.prune_heads_obs)
 PER_BLOCK = "blocks"  # packages="blocks": one module package per transformer block
 HEAD_CANDIDATES = TRAJECTORY_PROMPTS = 4  # --head-selection trajectory: heads tried per removal, prompts per trial
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "data" / "prompts"
+PROMPTS_DIR = DATA_DIR / "prompts"
 
 
 # PruneConfig's scalar annotations -> accepted Python types and how a message names them (PruneConfig._validate_types).

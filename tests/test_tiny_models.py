@@ -82,3 +82,20 @@ def test_long_model_is_tiny_sd3_trained_further_at_the_same_width():
     assert {k: trained[k] for k in recipe} == {k: base_training[k] for k in recipe}
     assert (DATA / "tiny-sd3-long" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == (
         DATA / "tiny-sd3" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+
+def test_shipped_models_are_found_by_name_from_any_directory(tmp_path, monkeypatch, capsys):
+    """`obsdiff prune tiny-sd3 ...` works outside the repository; a folder of that name in the cwd still wins."""
+    from obsdiff_lite.cli import main
+    from obsdiff_lite.pipelines import PipelineError, shipped_models
+
+    assert {"tiny-sd3", "tiny-flux"} <= set(shipped_models())
+    monkeypatch.chdir(tmp_path)
+    pipe = load_pipeline("tiny-flux")
+    assert type(pipe).__name__ == "FluxPipeline" and pipe.obsdiff_source == str(DATA / "tiny-flux")
+    assert main(["plan", "tiny-sd3"]) == 0 and "estimated peak" in capsys.readouterr().out
+    with pytest.raises(PipelineError, match="shipped tiny model: .*tiny-sd3"):
+        load_pipeline("tiny-nothing")
+    (tmp_path / "tiny-sd3").mkdir()  # a local path named like a shipped model is that path
+    with pytest.raises(PipelineError, match="StableDiffusion3Pipeline|model_index"):
+        load_pipeline("tiny-sd3")
