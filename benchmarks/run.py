@@ -500,12 +500,25 @@ def _plot_block_sensitivity(plt, quality: dict) -> None:
     fig.savefig(RESULTS / "block_sensitivity.png", dpi=90)
 
 
-def main() -> None:
+def parse_shard(text: str) -> tuple[int, int]:
+    """--shard "i/n": shard i (counted from 0) of n; anything else is an argparse error (2/2 ran nothing, silently)."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected i/n such as 0/2, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"shard {text!r}: the number of shards n must be >= 1")
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"shard {text!r}: shards are counted from 0, so use 0/{n} .. {n - 1}/{n}")
+    return i, n
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", choices=[*EXPERIMENTS, "summarize", "plots"])
-    parser.add_argument("--shard", default="0/1", help="i/n: run every n-th run starting at i")
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: run every n-th run starting at i (0-based)")
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.experiment == "summarize":
         summarize()
@@ -513,8 +526,7 @@ def main() -> None:
     if args.experiment == "plots":
         plots()
         return
-    i, n = (int(x) for x in args.shard.split("/"))
-    sweep(args.experiment, (i, n))
+    sweep(args.experiment, args.shard)
 
 
 if __name__ == "__main__":

@@ -196,3 +196,20 @@ def test_admm_settings_script_in_a_small_setting(tmp_path):
     for label, solver in measured["solvers"].items():
         assert 0 < solver["error_vs_obs"] <= solver["worst_vs_obs"] <= 1 + 1e-6, label
         assert solver["seconds"] > 0
+
+
+def test_sweep_shards_are_counted_from_zero():
+    """--shard 2/2 ran no run at all, silently: shards are 0-based, so it is refused with the valid range."""
+    import argparse
+
+    import pytest
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import run as sweeps
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert sweeps.parse_shard("1/2") == (1, 2)
+    for text, match in (("2/2", r"0/2 \.\. 1/2"), ("0/0", "n must be >= 1"), ("x", "i/n such as 0/2")):
+        with pytest.raises(argparse.ArgumentTypeError, match=match):
+            sweeps.parse_shard(text)
