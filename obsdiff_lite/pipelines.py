@@ -50,6 +50,9 @@ def resolve_device(device: str | torch.device | None, option: str = "--device") 
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{option} {device} was requested but this machine has no CUDA GPU visible to torch; "
                          f"use {option} cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= (count := torch.cuda.device_count()):
+        raise ValueError(f"{option} {device} was requested but this machine has {count} CUDA GPU"
+                         f"{'s' * (count != 1)} (cuda:0{f' .. cuda:{count - 1}' if count > 1 else ''})")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"{option} mps was requested but this machine has no MPS device; use {option} cpu")
     return device

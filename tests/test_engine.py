@@ -339,6 +339,20 @@ def test_devices_this_machine_lacks_are_refused_before_work(random_sd3_dir, monk
         prune(pipe, PruneConfig(**(FAST | kwargs)), progress=False)
 
 
+def test_a_gpu_index_this_machine_lacks_is_refused(monkeypatch):
+    """cuda:3 on a one-GPU machine failed when the model moved there ('invalid device ordinal', a traceback)."""
+    from obsdiff_lite.pipelines import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0") and resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(ValueError, match=r"--device cuda:3 was requested but this machine has 1 CUDA GPU \(cuda:0\)"):
+        resolve_device("cuda:3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"--hessian-device cuda:2 .* has 2 CUDA GPUs \(cuda:0 \.\. cuda:1\)"):
+        resolve_device("cuda:2", "--hessian-device")
+
+
 def test_prune_names_what_it_takes(random_sd3_dir):
     with pytest.raises(TypeError, match="takes a diffusers SD3/Flux pipeline"):
         prune(None, PruneConfig(**FAST))
