@@ -145,7 +145,10 @@ def load_pipeline(path_or_id: str | Path, device: str | torch.device | None = "c
             try:
                 class_name = json.loads(Path(hf_hub_download(source, "model_index.json")).read_text())["_class_name"]
             except Exception as exc:  # offline, gated, or missing
-                raise PipelineError(f"cannot fetch {source!r} from the hub ({type(exc).__name__}: {exc})") from None
+                # "runs/sd3-50" with a runs/ folder here is more likely a mistyped local path than a hub id.
+                local = (f"; or, if you meant a local folder: {str(path.parent)!r} has no {path.name!r}"
+                         if path.parent.is_dir() else "")
+                raise PipelineError(f"cannot fetch {source!r} from the hub ({type(exc).__name__}: {exc}){local}") from None
         arch_for_pipeline_class(class_name)
     try:
         pipe = getattr(diffusers, class_name).from_pretrained(source, dtype=torch_dtype, **kwargs)

@@ -233,6 +233,22 @@ def test_a_full_disk_while_saving_is_one_line_and_leaves_nothing(random_sd3_dir,
     assert list(tmp_path.iterdir()) == []  # neither the output nor its temporary sibling
 
 
+def test_a_mistyped_local_path_that_looks_like_a_hub_id_is_named_as_such(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert main(["eval", "runs/sd3-5O", "--num-prompts", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot fetch 'runs/sd3-5O' from the hub" in err and "if you meant a local folder: 'runs' has no 'sd3-5O'" in err
+    assert main(["eval", "stabilityai/sd3", "--num-prompts", "2"]) == 2  # no such local folder: no local hint
+    assert "local folder" not in capsys.readouterr().err
+
+
 def test_console_entry_point_runs_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "obsdiff_lite", "prune", str(tmp_path / "missing"), "--output",
                            str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
