@@ -73,6 +73,22 @@ def block_linears(transformer: nn.Module, arch: ArchSpec | None = None) -> dict[
     return out
 
 
+def pick_layer(transformer: nn.Module, layer: str | None = None, arch: ArchSpec | None = None) -> str:
+    """``layer`` if it is a block linear of ``transformer``, else a ValueError naming some that are; None picks the
+    FFN down-projection of the middle block (tiny-sd3: transformer_blocks.2.ff.net.2), the widest input there."""
+    names = block_linears(transformer, arch)
+    if layer is None:
+        all_blocks = blocks(transformer, arch)
+        middle = all_blocks[(len(all_blocks) - 1) // 2]
+        return f"{middle.name}.{middle.spec.ffns[0].down}"
+    if layer not in names:
+        examples = [n for n in names if n.split(".")[-1] in ("to_q", "2", "proj_out")][:4]
+        raise ValueError(f"layer {layer!r} is not a block linear of this {type(transformer).__name__}; e.g. "
+                         f"{', '.join(examples)} (course.block_linears lists all {len(names)}), or None for the "
+                         "middle block's FFN down-projection")
+    return layer
+
+
 def group_representatives(transformer: nn.Module, arch: ArchSpec | None = None) -> dict[str, nn.Linear]:
     """One linear per input group (the first; its Hessian serves the whole group), by global name."""
     out: dict[str, nn.Linear] = {}
@@ -280,6 +296,27 @@ def record_inputs(pipe, linears: dict[str, nn.Linear], prompts: list[str], call:
     with _step_hooks(pipe, linears, keep):
         run_pipeline(pipe, prompts, seed, call, batch_size, output_type="latent", progress=False)
     return records
+
+
+def cfg_halves(records: Sequence[InputRecord], batched: bool) -> dict[str, list[InputRecord]]:
+    """A layer's recorded inputs split into the two CFG halves, one record per call and half. ``batched``: SD3's
+    layout, one call per step and batch with the unconditional half first; else Flux's true CFG, two calls per step
+    and batch, the conditional one first."""
+    halves: dict[str, list[InputRecord]] = {"unconditional": [], "conditional": []}
+    if batched:
+        for r in records:
+            if r.x.shape[0] % 2:
+                raise ValueError(f"a batched CFG call has an even batch (both halves), got {r.x.shape[0]} at step {r.step}")
+            b = r.x.shape[0] // 2
+            halves["unconditional"].append(InputRecord(r.step, r.x[:b]))
+            halves["conditional"].append(InputRecord(r.step, r.x[b:]))
+        return halves
+    if len(records) % 2 or any(c.step != u.step for c, u in zip(records[::2], records[1::2])):
+        raise ValueError("with two CFG calls per step the records must pair up step by step (conditional first); "
+                         "was the pipeline run with true CFG?")
+    halves["conditional"] = list(records[::2])
+    halves["unconditional"] = list(records[1::2])
+    return halves
 
 
 def step_hessians(pipe, linears: dict[str, nn.Linear], prompts: list[str], call: dict, seed: int = 0,

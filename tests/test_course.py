@@ -9,8 +9,10 @@ import torch
 from obsdiff_lite.arch import arch_for_transformer
 from obsdiff_lite.calibrate import calibrate
 from obsdiff_lite.course import (
+    InputRecord,
     architecture_summary,
     block_linears,
+    cfg_halves,
     closed_form_hessian,
     combine_step_hessians,
     decode_latents,
@@ -20,6 +22,7 @@ from obsdiff_lite.course import (
     image_mse,
     latent_divergence,
     perturb_at_steps,
+    pick_layer,
     pipeline_call,
     record_inputs,
     relative_frobenius,
@@ -116,3 +119,27 @@ def test_detection_captions_read_rendered_images():
     assert detection_captions(images) == [s.caption() for s in specs]
     assert detection_captions(np.zeros((1, 32, 32, 3), np.uint8)) == ["(nothing found)"]
 
+
+
+def test_pick_layer_defaults_to_the_middle_ffn_and_names_valid_layers(random_dir):
+    pipe = load_pipeline(random_dir)
+    picked = pick_layer(pipe.transformer)
+    assert picked in block_linears(pipe.transformer) and picked.endswith(("ff.net.2", "proj_out"))
+    assert pick_layer(pipe.transformer, picked) == picked
+    with pytest.raises(ValueError, match="not a block linear of this .*lists all"):
+        pick_layer(pipe.transformer, "transformer_blocks.99.ff.net.2")
+
+
+def test_cfg_halves_reads_both_layouts():
+    """SD3: one call per step with [uncond; cond]; Flux true CFG: two calls per step, the conditional one first."""
+    x = [torch.randn(4, 3, 2) for _ in range(2)]
+    batched = cfg_halves([InputRecord(0, x[0]), InputRecord(1, x[1])], batched=True)
+    assert [r.step for r in batched["conditional"]] == [0, 1]
+    assert torch.equal(batched["unconditional"][1].x, x[1][:2]) and torch.equal(batched["conditional"][1].x, x[1][2:])
+    calls = [InputRecord(0, x[0]), InputRecord(0, x[1]), InputRecord(1, x[1]), InputRecord(1, x[0])]
+    paired = cfg_halves(calls, batched=False)
+    assert [r.x for r in paired["conditional"]] == [x[0], x[1]] and [r.x for r in paired["unconditional"]] == [x[1], x[0]]
+    with pytest.raises(ValueError, match="pair up step by step"):
+        cfg_halves(calls[1:], batched=False)
+    with pytest.raises(ValueError, match="even batch"):
+        cfg_halves([InputRecord(0, torch.randn(3, 2))], batched=True)

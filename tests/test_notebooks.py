@@ -83,3 +83,16 @@ def test_papermill_parameters_01(tmp_path: Path):
     exact = [ln for ln in text.splitlines() if ":" in ln and not ln.startswith("OBS has the lowest error")]
     assert not [ln for ln in exact if "False" in ln], f"a verification check failed with seed=1, in_features=32:\n{text}"
     assert os.path.getsize(out) < 1_000_000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["02_error_accumulation", "03_timestep_aware_hessian"])
+def test_sd3_notebooks_also_run_on_flux(tmp_path: Path, name: str):
+    """Their `model` parameter takes the tiny Flux too: the studied layer defaults per model, and the CFG halves are
+    read from Flux's two calls per step (SD3 batches them)."""
+    out = tmp_path / f"{name}.ipynb"
+    nb = run_notebook(NOTEBOOK_DIR / f"{name}.ipynb", out, {"model": "../data/tiny-flux", "steps": 6}, timeout=600)
+    text = _stream_text(nb.cells)
+    assert "single_transformer_blocks.0.proj_out" in text  # the middle block of tiny Flux's six
+    if name.startswith("03"):
+        assert "H == (H_uncond + H_cond) / 2: True" in text and "one CFG half per call" in text
