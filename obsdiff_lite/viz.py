@@ -439,7 +439,11 @@ def resolve_packages(transformer: nn.Module, packages: int | str, block_range: s
     """An int stays; 'all' becomes one unit per package (24 for tiny SD3, 16 for tiny Flux, 96 for SD3-medium)."""
     if packages == "all":
         return num_units(transformer, block_range)
-    return int(packages)
+    if isinstance(packages, bool) or not isinstance(packages, int) or packages < 1:
+        hint = (" ('blocks', one package per block, is a prune() setting; the package sweeps plot G as a number)"
+                if packages == "blocks" else "")
+        raise ValueError(f"packages must be a number >= 1 or 'all' (one unit per package), got {packages!r}{hint}")
+    return packages
 
 
 def _unit_name(block, unit_index: int) -> str:

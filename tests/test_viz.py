@@ -49,6 +49,9 @@ def test_packages_cover_every_layer_once_in_block_order(random_dir):
     layers = list(target_linears(transformer))
     units = num_units(transformer)
     assert resolve_packages(transformer, "all") == units and resolve_packages(transformer, 3) == 3
+    for bad, match in (("blocks", "is a prune\\(\\) setting"), ("4", "got '4'"), (0, "got 0")):  # int("blocks") crashed
+        with pytest.raises(ValueError, match=match):
+            resolve_packages(transformer, bad)
     for g in (1, 2, 4, "all"):
         infos = package_infos(transformer, g)
         assert len(infos) == resolve_packages(transformer, g)
