@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .pipelines import DATA_DIR, check_guidance, generate_images, load_pipeline, pipeline_call
+from .pipelines import DATA_DIR, check_guidance, check_seed, generate_images, load_pipeline, pipeline_call
 from .shapes.bench import evaluate, format_table, image_grid
 from .surgery import check_output_file, write_file_atomic
 from .shapes.dataset import balanced_specs
@@ -28,8 +28,10 @@ def shapebench_prompts(num_prompts: int, seed: int = 0):
     return specs, [s.caption() for s in specs]
 
 
-def check_sampling(num_prompts: int, batch_size: int, steps: int | None = None, guidance: float | None = None) -> None:
+def check_sampling(num_prompts: int, batch_size: int, steps: int | None = None, guidance: float | None = None,
+                   seed: int = 0) -> None:
     """Refuse sampling settings that would fail deep inside the pipeline or score nothing, one line each."""
+    check_seed(seed)
     for label, value in (("num_prompts", num_prompts), ("batch_size", batch_size), ("steps", steps)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
@@ -40,7 +42,7 @@ def sample_shapebench(pipe, num_prompts: int = 64, seed: int = 0, batch_size: in
                       steps: int | None = None, guidance: float | None = None):
     """(specs, uint8 images) for the ShapeBench prompts, with the model's generation.json settings (step count and
     CFG scale overridden if given)."""
-    check_sampling(num_prompts, batch_size, steps, guidance)
+    check_sampling(num_prompts, batch_size, steps, guidance, seed)
     specs, prompts = shapebench_prompts(num_prompts, seed)
     call = pipeline_call(pipe, steps, guidance)
     images = generate_images(pipe, prompts, seed=seed, call=call, batch_size=batch_size, progress=progress)
@@ -53,7 +55,7 @@ def evaluate_models(models: dict[str, str | Path], reference: str | Path | None 
                     steps: int | None = None, guidance: float | None = None) -> dict[str, dict]:
     """Score each model (name -> path) on ShapeBench; fidelity (PSNR/SSIM) against ``reference`` if given. Every
     model, the reference too, samples with its generation.json settings, or with ``steps`` / ``guidance`` if given."""
-    check_sampling(num_prompts, batch_size, steps, guidance)  # before any model is loaded
+    check_sampling(num_prompts, batch_size, steps, guidance, seed)  # before any model is loaded
     if grid is not None:
         check_output_file(grid, "--grid", GRID_SUFFIXES)
     if json_path is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +178,15 @@ def check_guidance(guidance: float | None) -> None:
     if guidance is not None and not (guidance >= 0 and math.isfinite(guidance)):
         raise ValueError(f"guidance must be a finite number >= 0 (values <= 1 turn classifier-free guidance off), "
                          f"got {guidance}")
+
+
+MAX_SEED = 2**32  # seeds are in [0, MAX_SEED): numpy refuses negative ones, torch.Generator ones beyond int64
+
+
+def check_seed(seed: int) -> None:
+    """Refuse a seed the random generators cannot take (a negative one, or one beyond int64), with the valid range."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
 
 
 def resolve_call(generation: dict, steps: int | None = None, guidance: float | None = None) -> dict:

@@ -34,7 +34,7 @@ from .distributed import all_equal, broadcast_module_, rank_and_world
 from .hessian import input_variance, wanda_input_norm
 from .obs import (REFIT_ITERS, admm_sparsify_weights, cast_weight, check_sparsity_args, dense_target_weights,
                   parse_pattern, sparsify_weights)
-from .pipelines import DATA_DIR, check_guidance, parse_device, pipeline_call, resolve_device
+from .pipelines import DATA_DIR, check_guidance, check_seed, parse_device, pipeline_call, resolve_device
 from .schedules import WEIGHTINGS, timestep_weights
 from .tune import TUNE_LR, TUNE_MAX_CALLS, tune_blocks
 
@@ -229,6 +229,7 @@ class PruneConfig:
 
     def _validate_common(self) -> None:
         """Settings shared by every pattern."""
+        check_seed(self.seed)
         if self.hessian_inputs not in HESSIAN_INPUTS:
             raise ValueError(f"unknown hessian inputs {self.hessian_inputs!r}; choose one of {', '.join(HESSIAN_INPUTS)}")
         if self.calibration not in CALIBRATIONS:
