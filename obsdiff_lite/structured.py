@@ -25,6 +25,7 @@ streams, so its add_q_proj rows are sliced with each head and the projection its
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ from .obs import cast_weight, prepare_inverse_hessian
 from .pipelines import pipeline_call, run_pipeline
 from .prune import PER_BLOCK, PruneConfig, _peak_memory_bytes, default_prompts, mark_partial, run_record
 from .surgery import attention_module, head_channels, head_dim, remove_heads, remove_neurons, transformer_structure
+
+log = logging.getLogger(__name__)
 
 RRF_K = 60  # Reciprocal Rank Fusion constant (paper)
 MIN_CHUNK, MAX_CHUNK = 64, 1024  # SlimGPT-style FFN chunk bounds (paper code)
@@ -337,6 +340,20 @@ def _unit_plan(unit: StructuredUnit, head_s: float, ffn_s: float, ffn_multiple: 
     return plan
 
 
+def _warn_if_nothing_removed(units: list[StructuredUnit], plans: list[dict[str, int]], head_s: float,
+                             ffn_s: float) -> None:
+    """Warn when a positive head or FFN sparsity rounds to nothing removed in every pruned block (small modules)."""
+    for label, sparsity, heads in (("head", head_s, True), ("FFN", ffn_s, False)):
+        sized = [(u, p) for u, p in zip(units, plans) if (u.kind == "heads") == heads]
+        if sparsity > 0 and sized and not any(v for _, p in sized for v in p.values()):
+            widths = sorted({int(attention_module(u.block).heads) if heads else
+                             get_linear(u.block.module, f.up).out_features for u, _ in sized for f in
+                             ([None] if heads else u.ffns())})
+            log.warning("%s sparsity %g removes nothing: it rounds to 0 of the %s %s in every pruned block; raise it "
+                        "or set it to 0", label, sparsity, "/".join(map(str, widths)),
+                        "heads" if heads else "neurons")
+
+
 def _write_weight(linear: nn.Linear, weight: Tensor, name: str = "") -> None:
     """Copy a solver result back into ``linear`` in its own dtype (refused if it does not fit) and device."""
     linear.weight.data.copy_(cast_weight(weight.to(linear.weight.device), linear.weight.dtype, name))
@@ -467,6 +484,7 @@ def prune_structured(pipe, config: PruneConfig, progress: bool = True) -> dict:
     head_s, ffn_s = structured_sparsities(config)
     units = structured_units(selected)
     plans = [_unit_plan(u, head_s, ffn_s, config.ffn_multiple) for u in units]  # refuses impossible counts before any work
+    _warn_if_nothing_removed(units, plans, head_s, ffn_s)
     packages = split_packages(units, config.packages)
 
     call = pipeline_call(pipe, config.steps, config.guidance)

@@ -376,3 +376,19 @@ def test_structured_leaves_sd35_dual_attention_whole_and_reloads(random_sd35_dua
     images = generate_images(pipe, PROMPTS, seed=3, call=call, progress=False)
     reloaded = load_pipeline(save_pipeline(pipe, tmp_path / "pruned", report))
     assert np.array_equal(images, generate_images(reloaded, PROMPTS, seed=3, call=call, progress=False))
+
+
+def test_a_sparsity_that_rounds_to_nothing_removed_is_named(random_sd3_dir, caplog):
+    """4 heads x 10% rounds to 0: the run changed nothing, which the user must hear about (a 0 asks for nothing)."""
+    pipe = load_pipeline(random_sd3_dir)
+    with caplog.at_level("WARNING", logger="obsdiff_lite.structured"):
+        report = prune(pipe, PruneConfig(pattern="structured", sparsity=None, head_sparsity=0.1, ffn_sparsity=0.001,
+                                         packages=1, **FAST), progress=False)
+    assert report["parameters_after"] == report["parameters_before"]
+    assert "head sparsity 0.1 removes nothing: it rounds to 0 of the 4 heads" in caplog.text
+    assert "FFN sparsity 0.001 removes nothing" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="obsdiff_lite.structured"):
+        prune(load_pipeline(random_sd3_dir), PruneConfig(pattern="structured", sparsity=None, head_sparsity=0.0,
+                                                         ffn_sparsity=0.3, packages=1, **FAST), progress=False)
+    assert "removes nothing" not in caplog.text
