@@ -162,6 +162,10 @@ def save_pipeline(pipe, output: str | Path, report: dict, overwrite: bool = Fals
     directory; the commit (rename into place) and that cleanup are not interruptible. An interrupt that
     arrives during the commit surfaces after it as ``OutputCompleteInterrupt``: the output is complete.
     """
+    if not hasattr(pipe, "save_pretrained") or not hasattr(pipe, "transformer"):
+        raise TypeError(f"save_pipeline() takes a diffusers SD3/Flux pipeline, got {type(pipe).__name__}")
+    if not isinstance(report, dict):
+        raise TypeError(f"save_pipeline() takes the report dict that prune() returned, got {type(report).__name__}")
     output = check_output_dir(output, overwrite)
     report = with_lineage(pipe, report)
     output.parent.mkdir(parents=True, exist_ok=True)

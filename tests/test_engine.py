@@ -360,6 +360,16 @@ def test_prune_names_what_it_takes(random_sd3_dir):
         prune(load_pipeline(random_sd3_dir), "obs-diff")
 
 
+def test_save_pipeline_names_what_it_takes(random_sd3_dir, tmp_path):
+    from obsdiff_lite.surgery import save_pipeline
+
+    with pytest.raises(TypeError, match="takes a diffusers SD3/Flux pipeline, got NoneType"):
+        save_pipeline(None, tmp_path / "out", {})
+    with pytest.raises(TypeError, match="takes the report dict that prune\\(\\) returned, got str"):
+        save_pipeline(load_pipeline(random_sd3_dir), tmp_path / "out", "report")
+    assert not (tmp_path / "out").exists()
+
+
 def test_block_range_parsing():
     assert parse_block_range("1:23", 24) == list(range(1, 23))
     assert parse_block_range(":", 4) == [0, 1, 2, 3]
