@@ -63,7 +63,12 @@ def _pipeline_class_name(path: Path) -> str:
     index = path / "model_index.json"
     if not index.is_file():
         supported = ", ".join(a.pipeline_class for a in ARCHS.values())
-        raise PipelineError(f"{path} is not a diffusers pipeline directory (no model_index.json); expected one of: {supported}")
+        # A file of the pipeline, or one of its component folders (transformer/, vae/): name the folder to give.
+        parent = path.parent if path.parent != path else None
+        hint = (f"; give the pipeline folder that holds it: {parent}" if parent is not None and
+                (parent / "model_index.json").is_file() else "")
+        raise PipelineError(f"{path} is not a diffusers pipeline directory (no model_index.json); expected one of: "
+                            f"{supported}{hint}")
     config = read_json_object(index)
     if "_class_name" not in config:
         raise PipelineError(f"{index} names no pipeline class (no \"_class_name\"); it is not a diffusers model_index.json")

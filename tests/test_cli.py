@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -125,6 +126,8 @@ def _bad_cases(model, tmp_path):
         "unknown weighting": (["prune", model, "--output", out, "--weighting", "quadratic"], "log-decrease"),
         "missing model": (["prune", str(tmp_path / "nope"), "--output", out], "does not exist"),
         "not a pipeline": (["prune", str(not_a_pipeline), "--output", out], "StableDiffusion3Pipeline"),
+        "a component folder": (["prune", str(Path(model) / "transformer"), "--output", out],
+                               f"give the pipeline folder that holds it: {model}"),
         "blocks out of range": (["prune", model, "--output", out, "--blocks", "3:99"], "6 blocks"),
         "blocks empty": (["prune", model, "--output", out, "--blocks", "4:4"], "blocks"),
         "packages 0": (["prune", model, "--output", out, "--packages", "0"], "packages"),
