@@ -423,11 +423,20 @@ def _groups_by_block(targets: list[Target]) -> list[tuple[Block, dict[str, nn.Li
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
+    """The report's "peak_memory_bytes"; what it measures is said by ``peak_memory_scope``."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     # ru_maxrss is KiB on Linux, bytes on macOS.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def peak_memory_scope(device: torch.device) -> str:
+    """The report's "peak_memory_scope": the two peaks are not alike, and a CPU one says little about this run."""
+    if device.type == "cuda":
+        return "CUDA allocator peak on the model's GPU during this prune (tensors only, not the allocator's cache)"
+    return ("the process's resident-memory high-water mark (CPU): it includes everything the process held before "
+            "this prune; `obsdiff plan` estimates what the run itself needs")
 
 
 def _prune_group(linears: list[tuple[str, nn.Linear]], config: PruneConfig, sparsity: float, n: int, m: int,
@@ -633,6 +642,7 @@ def prune(pipe, config: PruneConfig | None = None, progress: bool = True, check_
         "layers": layers,
         "timings": timings,
         "peak_memory_bytes": _peak_memory_bytes(device),
+        "peak_memory_scope": peak_memory_scope(device),
         "cache": cache_stats,
         "tuning": tuning,
         "device": str(device),

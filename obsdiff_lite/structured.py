@@ -41,7 +41,8 @@ from .calibrate import calibrate
 from .hessian import ieee_fp32_matmul
 from .obs import cast_weight, prepare_inverse_hessian
 from .pipelines import pipeline_call, run_pipeline
-from .prune import PER_BLOCK, PruneConfig, _peak_memory_bytes, default_prompts, mark_partial, run_record
+from .prune import (PER_BLOCK, PruneConfig, _peak_memory_bytes, default_prompts, mark_partial, peak_memory_scope,
+                    run_record)
 from .surgery import attention_module, head_channels, head_dim, remove_heads, remove_neurons, transformer_structure
 
 log = logging.getLogger(__name__)
@@ -563,6 +564,7 @@ def prune_structured(pipe, config: PruneConfig, progress: bool = True) -> dict:
         "layers": layers,
         "timings": timings,
         "peak_memory_bytes": _peak_memory_bytes(device),
+        "peak_memory_scope": peak_memory_scope(device),
         "device": str(device),
     }
 

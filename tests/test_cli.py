@@ -23,6 +23,7 @@ def test_prune_writes_a_complete_pipeline_loadable_by_plain_diffusers(random_sd3
     assert info["config"]["method"] == "obs-diff" and info["config"]["weighting"] == "log-decrease"
     assert info["num_packages"] == 2 and set(info["timings"]) >= {"calibration_s", "solve_s", "total_s"}
     assert {"torch", "diffusers", "obsdiff_lite"} <= set(info["versions"])
+    assert info["peak_memory_bytes"] > 0 and "high-water mark (CPU)" in info["peak_memory_scope"]  # what it means
     assert len(info["calibration_prompts"]) == 2
     assert json.loads((out / "generation.json").read_text())["num_inference_steps"] == 3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directory left behind"
