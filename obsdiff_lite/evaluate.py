@@ -15,11 +15,19 @@ import numpy as np
 
 from .pipelines import DATA_DIR, check_guidance, check_seed, generate_images, load_pipeline, pipeline_call
 from .shapes.bench import evaluate, format_table, image_grid
+from .shapes.features import FEATURE_DIM
 from .surgery import check_output_file, write_file_atomic
 from .shapes.dataset import balanced_specs
 
 
 GRID_SUFFIXES = (".png", ".jpg", ".jpeg")  # image grids: formats every Pillow build writes in RGB
+
+
+def print_fd_note(num_prompts: int) -> None:
+    """Under a score table: with N <= the feature width the fd's covariance is rank-deficient, its value mostly noise."""
+    if num_prompts <= FEATURE_DIM:
+        print(f"fd: {num_prompts} images cannot fit the {FEATURE_DIM}-dimensional feature covariance; it is biased "
+              f"upwards at small N, so compare fd only at equal --num-prompts (more than {FEATURE_DIM}, e.g. 256)")
 
 
 def shapebench_prompts(num_prompts: int, seed: int = 0):
@@ -72,6 +80,7 @@ def evaluate_models(models: dict[str, str | Path], reference: str | Path | None 
         rows[name] = evaluate(images, specs, reference=ref_images)
         grids.append(images[:16])
     print(format_table(rows))
+    print_fd_note(num_prompts)
     if grid is not None:
         write_file_atomic(grid, image_grid(np.concatenate(grids), nrow=16).save)
     if json_path is not None:
@@ -114,6 +123,7 @@ def run_demo(output: Path = Path("runs/demo"), model: str | Path | None = None, 
         _, images[label] = sample_shapebench(pipe, num_prompts, progress=progress)
         rows[f"{label} {sparsity:.0%}"] = evaluate(images[label], specs, reference=dense_images)
     print(format_table(rows))
+    print_fd_note(num_prompts)
     # One row of 16 prompts per model: dense | OBS-Diff | OBS-Diff + refit | OBS-Diff + ADMM | magnitude.
     grid = image_grid(np.concatenate([im[:16] for im in images.values()]), nrow=16)
     write_file_atomic(output / "grid.png", grid.save)

@@ -35,6 +35,7 @@ def test_eval_cli_prints_table_and_writes_json_and_grid(random_sd3_dir, tmp_path
     assert code == 0
     out = capsys.readouterr().out
     assert "full" in out and "fd" in out
+    assert "fd: 4 images cannot fit the 64-dimensional feature covariance" in out  # small N: the fd is mostly noise
     scores = json.loads((tmp_path / "e.json").read_text())["scores"][str(random_sd3_dir)]
     assert scores["psnr"] == 100.0 and abs(scores["ssim"] - 1.0) < 1e-9  # same model, same seeds: identical
     assert (tmp_path / "g.png").is_file()
