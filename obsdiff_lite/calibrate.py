@@ -25,7 +25,7 @@ from torch import nn
 from .arch import ArchSpec, cfg_scale, reads_image_tokens_only
 from .distributed import allreduce_accumulators, rank_and_world, shard
 from .hessian import DriftAccumulator, HessianAccumulator, all_finite, raise_if_empty
-from .pipelines import run_pipeline
+from .pipelines import check_prompts, run_pipeline
 from .schedules import timestep_weights
 
 
@@ -247,6 +247,11 @@ def calibrate(pipe, arch: ArchSpec, groups: dict[str, nn.Linear], prompts: list[
     Under torch.distributed (world > 1) each rank runs only its shard of the prompts (global seeds
     kept) and the accumulators are all-reduced, so every rank returns the Hessians of all prompts.
     """
+    check_prompts(prompts)  # all ranks' prompts: one rank's shard may be empty
+    for key, linear in groups.items():
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"groups maps names to the nn.Linear whose input is collected; {key!r} is a "
+                             f"{type(linear).__name__}")
     rank, world = rank_and_world()
     indexed = shard(prompts, rank, world) if world > 1 else list(enumerate(prompts))
     tracker = StepTracker(pipe.scheduler, arch.timestep_scale, weighting, weight_range)

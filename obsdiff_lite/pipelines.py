@@ -154,7 +154,8 @@ def load_pipeline(path_or_id: str | Path, device: str | torch.device | None = "c
                 # "runs/sd3-50" with a runs/ folder here is more likely a mistyped local path than a hub id.
                 local = (f"; or, if you meant a local folder: {str(path.parent)!r} has no {path.name!r}"
                          if path.parent.is_dir() else "")
-                raise PipelineError(f"cannot fetch {source!r} from the hub ({type(exc).__name__}: {exc}){local}") from None
+                raise PipelineError(f"cannot fetch {source!r} from the hub ({type(exc).__name__}: {exc}){local}"
+                                    ) from None
         arch_for_pipeline_class(class_name)
     try:
         pipe = getattr(diffusers, class_name).from_pretrained(source, dtype=torch_dtype, **kwargs)
@@ -183,6 +184,17 @@ def check_guidance(guidance: float | None) -> None:
     if guidance is not None and not (guidance >= 0 and math.isfinite(guidance)):
         raise ValueError(f"guidance must be a finite number >= 0 (values <= 1 turn classifier-free guidance off), "
                          f"got {guidance}")
+
+
+def check_prompts(prompts, allow_empty: bool = False) -> None:
+    """Refuse prompts that are not a list of strings (a bare string would be read as one prompt per character) or,
+    unless ``allow_empty`` (a data-parallel rank may get none), an empty list."""
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str)
+                                                                                    for p in prompts):
+        raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}"
+                         + (" (wrap one prompt in a list: prompts=[...])" if isinstance(prompts, str) else ""))
+    if not prompts and not allow_empty:
+        raise ValueError("the prompt list is empty; give at least one prompt")
 
 
 MAX_SEED = 2**32  # seeds are in [0, MAX_SEED): numpy refuses negative ones, torch.Generator ones beyond int64
@@ -217,6 +229,9 @@ def run_pipeline(pipe, prompts: list[str], seed: int, call: dict, batch_size: in
     Explicit ``seeds`` let a shard of a prompt list keep the seeds of the prompts' global indices
     (data-parallel calibration, ``distributed.shard``).
     """
+    check_prompts(prompts, allow_empty=True)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if seeds is None:
         seeds = [seed + i for i in range(len(prompts))]
     elif len(seeds) != len(prompts):

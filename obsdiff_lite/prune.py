@@ -34,7 +34,7 @@ from .distributed import all_equal, broadcast_module_, rank_and_world
 from .hessian import input_variance, wanda_input_norm
 from .obs import (REFIT_ITERS, admm_sparsify_weights, cast_weight, check_sparsity_args, dense_target_weights,
                   parse_pattern, sparsify_weights)
-from .pipelines import DATA_DIR, check_guidance, check_seed, parse_device, pipeline_call, resolve_device
+from .pipelines import DATA_DIR, check_guidance, check_prompts, check_seed, parse_device, pipeline_call, resolve_device
 from .schedules import WEIGHTINGS, timestep_weights
 from .tune import TUNE_LR, TUNE_MAX_CALLS, tune_blocks
 
@@ -260,13 +260,8 @@ class PruneConfig:
         if self.packages != PER_BLOCK and (isinstance(self.packages, bool) or not isinstance(self.packages, int)
                                            or self.packages < 1):
             raise ValueError(f"packages must be an integer >= 1 or {PER_BLOCK!r} (one per block), got {self.packages!r}")
-        if self.prompts is not None and (isinstance(self.prompts, str) or
-                                         not all(isinstance(p, str) for p in self.prompts)):
-            # a bare string would be read as one prompt per character
-            raise ValueError(f"prompts must be a list of strings, got {type(self.prompts).__name__}"
-                             + (" (wrap one prompt in a list: prompts=[...])" if isinstance(self.prompts, str) else ""))
-        if self.prompts is not None and not self.prompts:
-            raise ValueError("the prompt list is empty; give at least one prompt")
+        if self.prompts is not None:
+            check_prompts(self.prompts)
         if self.prompts is None and self.num_prompts < 1:
             raise ValueError(f"num_prompts must be >= 1, got {self.num_prompts}")
         if self.steps is not None and self.steps < 1:

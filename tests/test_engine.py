@@ -650,3 +650,23 @@ def test_weights_that_do_not_fit_the_model_dtype_are_refused_not_written_as_inf(
     pipe = load_pipeline(random_sd3_dir, dtype="float16")
     with pytest.raises(ValueError, match="transformer_blocks.0.attn.to_q.*do not fit float16"):
         prune(pipe, PruneConfig(**FAST), progress=False)
+
+
+def test_calibrate_refuses_prompts_groups_and_batches_it_cannot_use(random_sd3_dir):
+    """The notebooks' lower-level entry point: a bare string calibrated on one-letter prompts, no prompts blamed the
+    layers ('no calibration input reached ... check --blocks'), batch_size 0 failed inside range()."""
+    from obsdiff_lite.pipelines import pipeline_call, run_pipeline
+
+    pipe = load_pipeline(random_sd3_dir)
+    arch, call = arch_for_transformer(pipe.transformer), pipeline_call(pipe, steps=2)
+    name = "transformer_blocks.0.attn.to_q"
+    groups = {name: pipe.transformer.get_submodule(name)}
+    for prompts, match in (("a red circle", "list of strings, got str .*prompts=\\[...\\]"), ([], "prompt list is empty"),
+                           (["a", 3], "list of strings")):
+        with pytest.raises(ValueError, match=match):
+            calibrate(pipe, arch, groups, prompts, call, progress=False)
+    with pytest.raises(ValueError, match="'transformer_blocks.0.attn.to_q' is a SD3Transformer2DModel"):
+        calibrate(pipe, arch, {name: pipe.transformer}, ["a"], call, progress=False)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        calibrate(pipe, arch, groups, ["a"], call, batch_size=0, progress=False)
+    assert run_pipeline(pipe, [], 0, call, progress=False, output_type="latent") == []  # a rank with no prompts
