@@ -189,8 +189,7 @@ def check_guidance(guidance: float | None) -> None:
 def check_prompts(prompts, allow_empty: bool = False) -> None:
     """Refuse prompts that are not a list of strings (a bare string would be read as one prompt per character) or,
     unless ``allow_empty`` (a data-parallel rank may get none), an empty list."""
-    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str)
-                                                                                    for p in prompts):
+    if not (isinstance(prompts, (list, tuple)) and all(isinstance(p, str) for p in prompts)):
         raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}"
                          + (" (wrap one prompt in a list: prompts=[...])" if isinstance(prompts, str) else ""))
     if not prompts and not allow_empty:

@@ -644,7 +644,8 @@ def load_plan_model(model: str | Path) -> tuple[nn.Module, dict]:
         side = 512  # the paper's calibration resolution
         return transformer, {"call": {"height": side, "width": side}, "model_numel": numel, "model_other_bytes": 0,
                              "tokenizer_max_length": _CLIP_TOKENS, "vae_scale_factor": 8}
-    from .pipelines import _pipeline_class_name, _saved_structure, call_kwargs, generation_config, resolve_model_path
+    from .pipelines import (_pipeline_class_name, _saved_structure, call_kwargs, generation_config, read_json_object,
+                            resolve_model_path)
 
     path = Path(resolve_model_path(model))
     if not path.is_dir():
@@ -657,7 +658,7 @@ def load_plan_model(model: str | Path) -> tuple[nn.Module, dict]:
     from .arch import arch_for_pipeline_class
 
     arch_for_pipeline_class(_pipeline_class_name(path))
-    index = json.loads((path / "model_index.json").read_text())
+    index = read_json_object(path / "model_index.json")
     cls = getattr(diffusers, index["transformer"][1])
     with torch.device("meta"):
         transformer = cls.from_config(cls.load_config(path / "transformer"))

@@ -347,11 +347,14 @@ def _warn_if_nothing_removed(units: list[StructuredUnit], plans: list[dict[str, 
     for label, sparsity, heads in (("head", head_s, True), ("FFN", ffn_s, False)):
         sized = [(u, p) for u, p in zip(units, plans) if (u.kind == "heads") == heads]
         if sparsity > 0 and sized and not any(v for _, p in sized for v in p.values()):
-            widths = sorted({int(attention_module(u.block).heads) if heads else
-                             get_linear(u.block.module, f.up).out_features for u, _ in sized for f in
-                             ([None] if heads else u.ffns())})
+            widths: set[int] = set()  # head counts, or FFN widths, of the pruned blocks
+            for u, _ in sized:
+                if heads:
+                    widths.add(int(attention_module(u.block).heads))
+                else:
+                    widths.update(get_linear(u.block.module, f.up).out_features for f in u.ffns())
             log.warning("%s sparsity %g removes nothing: it rounds to 0 of the %s %s in every pruned block; raise it "
-                        "or set it to 0", label, sparsity, "/".join(map(str, widths)),
+                        "or set it to 0", label, sparsity, "/".join(map(str, sorted(widths))),
                         "heads" if heads else "neurons")
 
 

@@ -9,11 +9,11 @@ structurally pruned transformer from its recorded structure) lives here too.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import tempfile
 import uuid
-import os
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path

@@ -12,6 +12,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _sweeps():
+    """benchmarks/run.py as a module (the sweep definitions and the --shard parser)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import run
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return run
+
+
 def test_gpu_fullsize_script_runs_on_cpu_in_tiny_mode(tmp_path):
     out = tmp_path / "gpu.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_fullsize.py"), "--tiny", "--quiet",
@@ -99,11 +109,7 @@ def test_calibration_overhead_without_gram_skips_only_the_hessians_arithmetic():
 
 def test_every_sweep_run_is_a_valid_prune_config():
     """A typo in a sweep's settings must fail here, not an hour into the sweep."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import run as sweeps
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    sweeps = _sweeps()
     from obsdiff_lite.arch import arch_for_transformer, blocks, parse_block_range
     from obsdiff_lite.pipelines import load_pipeline
     from obsdiff_lite.prune import PruneConfig, package_units
@@ -138,11 +144,7 @@ def test_every_sweep_run_is_a_valid_prune_config():
 def test_sweep_evaluation_prompts_come_from_the_run(monkeypatch):
     """``eval: {"prompts": N}`` scores on N ShapeBench prompts, by default EVAL_PROMPTS, always from EVAL_SEED; the
     acceptance sweep's larger evaluation holds every combination twice."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import run as sweeps
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    sweeps = _sweeps()
     from obsdiff_lite.shapes.dataset import all_specs, balanced_specs
 
     asked = []
@@ -204,11 +206,7 @@ def test_sweep_shards_are_counted_from_zero():
 
     import pytest
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import run as sweeps
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    sweeps = _sweeps()
     assert sweeps.parse_shard("1/2") == (1, 2)
     for text, match in (("2/2", r"0/2 \.\. 1/2"), ("0/0", "n must be >= 1"), ("x", "i/n such as 0/2")):
         with pytest.raises(argparse.ArgumentTypeError, match=match):
