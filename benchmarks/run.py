@@ -516,7 +516,8 @@ def parse_shard(text: str) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", choices=[*EXPERIMENTS, "summarize", "plots"])
-    parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: run every n-th run starting at i (0-based)")
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1),
+                        help="i/n: run every n-th run starting at i (0-based)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -77,7 +77,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="module packages: 1 .. number of units, or 'blocks' for one per block (default 4)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--num-prompts", type=int, default=16, help="calibration prompts (default 16; paper 100)")
-    group.add_argument("--prompts", type=Path, help="text file with one calibration prompt per line, or a .json list of strings")
+    group.add_argument("--prompts", type=Path,
+                       help="text file with one calibration prompt per line, or a .json list of strings")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's generation.json)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's generation.json)")
     p.add_argument("--seed", type=int, default=0)

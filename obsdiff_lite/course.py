@@ -306,7 +306,8 @@ def cfg_halves(records: Sequence[InputRecord], batched: bool) -> dict[str, list[
     if batched:
         for r in records:
             if r.x.shape[0] % 2:
-                raise ValueError(f"a batched CFG call has an even batch (both halves), got {r.x.shape[0]} at step {r.step}")
+                raise ValueError(f"a batched CFG call has an even batch (both halves), got {r.x.shape[0]} at step "
+                                 f"{r.step}")
             b = r.x.shape[0] // 2
             halves["unconditional"].append(InputRecord(r.step, r.x[:b]))
             halves["conditional"].append(InputRecord(r.step, r.x[b:]))

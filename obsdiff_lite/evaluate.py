@@ -24,7 +24,8 @@ GRID_SUFFIXES = (".png", ".jpg", ".jpeg")  # image grids: formats every Pillow b
 
 
 def print_fd_note(num_prompts: int) -> None:
-    """Under a score table: with N <= the feature width the fd's covariance is rank-deficient, its value mostly noise."""
+    """Under a score table: with N <= the feature width the fd's covariance is rank-deficient, its value mostly
+    noise."""
     if num_prompts <= FEATURE_DIM:
         print(f"fd: {num_prompts} images cannot fit the {FEATURE_DIM}-dimensional feature covariance; it is biased "
               f"upwards at small N, so compare fd only at equal --num-prompts (more than {FEATURE_DIM}, e.g. 256)")

@@ -284,9 +284,9 @@ class PruneConfig:
         weights = timestep_weights(self.effective_weighting, num_steps, *self.weight_range)
         if not float(weights.sum()) > 0:
             lo, hi = self.weight_range
-            raise ValueError(f"--weighting {self.effective_weighting} --weight-range {lo:g} {hi:g} gives all {num_steps} "
-                             "denoising step(s) weight 0, so no calibration input would count; give a positive MIN or "
-                             "more --steps")
+            raise ValueError(f"--weighting {self.effective_weighting} --weight-range {lo:g} {hi:g} gives all "
+                             f"{num_steps} denoising step(s) weight 0, so no calibration input would count; give a "
+                             "positive MIN or more --steps")
 
     @property
     def effective_weighting(self) -> str:
@@ -388,7 +388,8 @@ def default_prompts(pipe, num: int, seed: int) -> list[str]:
     prompts = read_prompts(PROMPTS_DIR / "calibration.txt")
     if num > len(prompts):  # not silently fewer than asked for
         raise ValueError(f"--num-prompts {num} asks for more than the {len(prompts)} prompts of the shipped list "
-                         f"{PROMPTS_DIR / 'calibration.txt'}; use --num-prompts {len(prompts)} or less, or --prompts FILE")
+                         f"{PROMPTS_DIR / 'calibration.txt'}; use --num-prompts {len(prompts)} or less, or --prompts "
+                         "FILE")
     return prompts[:num]
 
 

@@ -168,8 +168,10 @@ def _bad_cases(model, tmp_path):
         "eval with zero steps": (["eval", model, "--num-prompts", "2", "--steps", "0"], "steps must be an integer"),
         "eval batch size zero": (["eval", model, "--num-prompts", "2", "--batch-size", "0"], "batch_size must be"),
         "eval negative guidance": (["eval", model, "--num-prompts", "2", "--guidance", "-1"], "guidance must be"),
-        "eval negative seed": (["eval", model, "--num-prompts", "2", "--seed", "-5"], "seed must be an integer in [0, 2**32)"),
-        "seed beyond int64": (["prune", model, "--output", out, "--seed", str(2**70)], "seed must be an integer in [0, 2**32)"),
+        "eval negative seed": (["eval", model, "--num-prompts", "2", "--seed", "-5"],
+                               "seed must be an integer in [0, 2**32)"),
+        "seed beyond int64": (["prune", model, "--output", out, "--seed", str(2**70)],
+                              "seed must be an integer in [0, 2**32)"),
         "demo without prompts": (["demo", "--num-prompts", "0", "--output", out], "num_prompts must be"),
         "demo output a file": (["demo", "--num-prompts", "2", "--output", str(nonempty / "x")], "is a file"),
         "demo of a missing model": (["demo", "--num-prompts", "2", "--model", str(tmp_path / "nope"), "--output", out],
@@ -250,7 +252,8 @@ def test_a_mistyped_local_path_that_looks_like_a_hub_id_is_named_as_such(tmp_pat
     (tmp_path / "runs").mkdir()
     assert main(["eval", "runs/sd3-5O", "--num-prompts", "2"]) == 2
     err = capsys.readouterr().err
-    assert "cannot fetch 'runs/sd3-5O' from the hub" in err and "if you meant a local folder: 'runs' has no 'sd3-5O'" in err
+    assert "cannot fetch 'runs/sd3-5O' from the hub" in err
+    assert "if you meant a local folder: 'runs' has no 'sd3-5O'" in err
     assert main(["eval", "stabilityai/sd3", "--num-prompts", "2"]) == 2  # no such local folder: no local hint
     assert "local folder" not in capsys.readouterr().err
 

@@ -138,7 +138,8 @@ def test_cfg_halves_reads_both_layouts():
     assert torch.equal(batched["unconditional"][1].x, x[1][:2]) and torch.equal(batched["conditional"][1].x, x[1][2:])
     calls = [InputRecord(0, x[0]), InputRecord(0, x[1]), InputRecord(1, x[1]), InputRecord(1, x[0])]
     paired = cfg_halves(calls, batched=False)
-    assert [r.x for r in paired["conditional"]] == [x[0], x[1]] and [r.x for r in paired["unconditional"]] == [x[1], x[0]]
+    assert [r.x for r in paired["conditional"]] == [x[0], x[1]]
+    assert [r.x for r in paired["unconditional"]] == [x[1], x[0]]
     with pytest.raises(ValueError, match="pair up step by step"):
         cfg_halves(calls[1:], batched=False)
     with pytest.raises(ValueError, match="even batch"):

@@ -661,8 +661,8 @@ def test_calibrate_refuses_prompts_groups_and_batches_it_cannot_use(random_sd3_d
     arch, call = arch_for_transformer(pipe.transformer), pipeline_call(pipe, steps=2)
     name = "transformer_blocks.0.attn.to_q"
     groups = {name: pipe.transformer.get_submodule(name)}
-    for prompts, match in (("a red circle", "list of strings, got str .*prompts=\\[...\\]"), ([], "prompt list is empty"),
-                           (["a", 3], "list of strings")):
+    for prompts, match in (("a red circle", "list of strings, got str .*prompts=\\[...\\]"),
+                           ([], "prompt list is empty"), (["a", 3], "list of strings")):
         with pytest.raises(ValueError, match=match):
             calibrate(pipe, arch, groups, prompts, call, progress=False)
     with pytest.raises(ValueError, match="'transformer_blocks.0.attn.to_q' is a SD3Transformer2DModel"):

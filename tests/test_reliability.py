@@ -301,7 +301,8 @@ def test_rerun_from_recorded_config_is_bit_identical(random_sd3_dir, tmp_path, o
     assert all(torch.equal(saved[k], again[k]) for k in saved)
 
 
-@pytest.mark.parametrize("settings", [dict(), dict(pattern="structured", sparsity=0.3)], ids=["unstructured", "structured"])
+@pytest.mark.parametrize("settings", [dict(), dict(pattern="structured", sparsity=0.3)],
+                         ids=["unstructured", "structured"])
 def test_a_prune_stopped_half_way_is_named_by_the_next_one(random_sd3_dir, monkeypatch, caplog, settings):
     """Ctrl-C in a notebook after the first package leaves some blocks pruned: running the cell again must say so
     (it would prune those blocks twice). A refused config changes nothing and leaves no mark."""
